@@ -59,7 +59,11 @@ class LoRALinear(nn.Module):
         if self.merged:
             return out
         z = self.lora_A(self.drop(x.to(self.lora_A.weight.dtype)))   # (..., r)
-        return out + (self.lora_B(z) * self.scaling).to(out.dtype)
+        # out + s * B z in one fused matmul-add: no separate scale and add passes over (..., d_out)
+        B = self.lora_B.weight.to(out.dtype)                         # (d_out, r)
+        h = torch.addmm(out.reshape(-1, out.shape[-1]), z.reshape(-1, self.r).to(out.dtype), B.t(),
+                        alpha=self.scaling)
+        return h.view(out.shape)
 
     def delta_weight(self):                                  # (d_out, d_in), fp32
         return self.scaling * (self.lora_B.weight.float() @ self.lora_A.weight.float())

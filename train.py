@@ -48,6 +48,7 @@ def get_args(argv=None):
     a("--seq-len", type=int, default=8, help="digits per input (L)")
     a("--base-steps", type=int, default=1500, help="pre-training steps of the base")
     a("--base-lr", type=float, default=3e-3, help="pre-training learning rate")
+    a("--base-batch", type=int, default=256, help="pre-training samples per step")
     # the confounded pair
     a("--rho", default="0.8,0.95", help="training environments: agreement of A's feature with B's label")
     a("--rho-shift", type=float, default=0.1, help="agreement rate of the shifted test split")
@@ -78,7 +79,7 @@ def get_args(argv=None):
             bad(f"{name} values must lie in [0, 1]")
     if len(args.rho) != 2:
         bad("--rho takes exactly two training environments, e.g. 0.8,0.95")
-    for name in ["steps", "batch", "rank", "width", "layers", "heads", "seq_len", "eval_samples"]:
+    for name in ["steps", "batch", "base_batch", "rank", "width", "layers", "heads", "seq_len", "eval_samples"]:
         if getattr(args, name) < 1:
             bad(f"--{name.replace('_', '-')} must be >= 1")
     if args.seq_len < 2:
@@ -238,7 +239,7 @@ def model_config(args):
 
 def base_settings(args):
     return dict(model=asdict(model_config(args)), tasks=SUITES["pretrain"], steps=args.base_steps,
-                lr=args.base_lr, batch=args.batch)
+                lr=args.base_lr, batch=args.base_batch)
 
 
 def get_base(args):
@@ -258,7 +259,8 @@ def get_base(args):
           f"cached in {path} for later runs")
     torch.manual_seed(0)
     model = GPT(model_config(args)).to(args.device)
-    train(model, args, SUITES["pretrain"], args.base_steps, args.base_lr, "base", seed=0)
+    train(model, args, SUITES["pretrain"], args.base_steps, args.base_lr, "base", seed=0,
+          batch=args.base_batch)
     acc = evaluate(model, args, SUITES["pretrain"])
     print("base: " + ", ".join(f"{t} {a:.1%}" for t, a in acc["id"].items()))
     state = {k: v.cpu() for k, v in model.state_dict().items()}
@@ -306,16 +308,21 @@ def lr_at(step, steps, warmup, peak):
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train(model, args, tasks, steps, lr, desc, seed=None, ckpt_path=None, resume=False):
+def train(model, args, tasks, steps, lr, desc, seed=None, batch=None, ckpt_path=None, resume=False):
     """AdamW on the trainable parameters, warm-up + cosine, clipping. Returns steps/s."""
     seed = args.seed if seed is None else seed
+    batch = batch or args.batch
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         return 0.0
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
     start = 0
+    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "ckpt_every", "compile")}
     if resume and ckpt_path and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, map_location=args.device, weights_only=False)
+        if ck["settings"] != settings:
+            raise SystemExit(f"error: {ckpt_path} was written by a run with other settings; "
+                             "rerun without --resume to start over")
         model.load_state_dict(ck["trainable"], strict=False)
         opt.load_state_dict(ck["opt"])
         torch.set_rng_state(ck["rng"])
@@ -329,7 +336,7 @@ def train(model, args, tasks, steps, lr, desc, seed=None, ckpt_path=None, resume
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, args.warmup, lr)
-        b = make_batch(tasks, args.batch, data_seed("train", seed, step), args.seq_len, args.rho,
+        b = make_batch(tasks, batch, data_seed("train", seed, step), args.seq_len, args.rho,
                        args.rho_shift, args.noise, device=args.device)
         with autocast:
             logits = fwd(b["idx"])
@@ -344,9 +351,8 @@ def train(model, args, tasks, steps, lr, desc, seed=None, ckpt_path=None, resume
         if step % 25 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if ckpt_path and args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < steps:
-            trained = {k: v for k, v in model.state_dict().items()
-                       if k in {n for n, p in model.named_parameters() if p.requires_grad}}
-            save_atomic(dict(step=step + 1, trainable=trained, opt=opt.state_dict(),
+            trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+            save_atomic(dict(step=step + 1, settings=settings, trainable=trained, opt=opt.state_dict(),
                              rng=torch.get_rng_state()), ckpt_path)
     bar.close()
     model.eval()

@@ -1,0 +1,155 @@
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lora
+
+
+class Tiny(nn.Module):
+    """Two blocks with linear layers named like train.py's, plus a layer that is not a target."""
+
+    def __init__(self, d=12):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.ModuleDict(dict(q=nn.Linear(d, d), up=nn.Linear(d, 3 * d),
+                                                       down=nn.Linear(3 * d, d))) for _ in range(2))
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = x + b["down"](torch.relu(b["up"](b["q"](x))))
+        return self.head(x)
+
+
+def adapted(r=4, alpha=8.0, seed=0, **kw):
+    torch.manual_seed(seed)
+    model = Tiny()
+    lora.add_lora(model, targets=["q", "up", "down"], r=r, alpha=alpha, **kw)
+    return model
+
+
+def randomize_B(model, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    for m in lora.lora_layers(model):
+        m.lora_B.weight.data = torch.randn(m.lora_B.weight.shape, generator=g)
+
+
+def test_noop_at_init_and_init_distribution():
+    torch.manual_seed(0)
+    base = Tiny()
+    x = torch.randn(3, 7, 12)
+    ref = base(x)
+    names = lora.add_lora(base, targets=["q", "up", "down"], r=4)
+    assert names == [f"blocks.{i}.{t}" for i in range(2) for t in ["q", "up", "down"]]
+    assert torch.equal(base(x), ref)
+    for m in lora.lora_layers(base):
+        assert torch.count_nonzero(m.lora_B.weight) == 0
+        bound = 1 / math.sqrt(m.base.in_features)
+        assert m.lora_A.weight.abs().max() <= bound and m.lora_A.weight.std() > bound / 4
+
+
+def test_forward_equals_formula():
+    torch.manual_seed(0)
+    lin = nn.Linear(10, 6)
+    layer = lora.LoRALinear(lin, r=3, alpha=6.0)
+    layer.lora_B.weight.data.normal_()
+    x = torch.randn(4, 10)
+    A, B, W0, b0 = layer.lora_A.weight, layer.lora_B.weight, lin.weight, lin.bias
+    expected = x @ W0.T + b0 + (6.0 / 3) * (x @ A.T @ B.T)
+    torch.testing.assert_close(layer(x), expected)
+
+
+def test_merge_unmerge_equivalence_and_idempotence():
+    model = adapted()
+    randomize_B(model)
+    x = torch.randn(2, 5, 12)
+    w0 = model.blocks[0]["q"].base.weight.clone()
+    unmerged = model(x)
+    lora.merge_lora(model)
+    lora.merge_lora(model)                                  # twice: a no-op, not a double add
+    torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-5)
+    lora.unmerge_lora(model)
+    lora.unmerge_lora(model)
+    torch.testing.assert_close(model.blocks[0]["q"].base.weight, w0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(model(x), unmerged, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_bf16_base_stays_close():
+    torch.manual_seed(0)
+    layer = lora.LoRALinear(nn.Linear(32, 16).to(torch.bfloat16), r=4).float()
+    layer.base.to(torch.bfloat16)
+    layer.lora_B.weight.data.normal_(std=0.1)
+    x = torch.randn(8, 32)
+    unmerged = layer(x.to(torch.bfloat16)).float()
+    layer.merge()
+    merged = layer(x.to(torch.bfloat16)).float()
+    assert merged.dtype == torch.float32 and (merged - unmerged).abs().max() < 0.1
+
+
+def test_param_count_formula_and_only_adapters_train():
+    model = adapted(r=4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert n == 2 * 4 * ((12 + 12) + (12 + 36) + (36 + 12))
+    model(torch.randn(2, 3, 12)).sum().backward()
+    assert all(p.grad is None for n, p in model.named_parameters() if ".lora_" not in n)
+
+
+def test_state_dict_round_trip(tmp_path):
+    model = adapted(seed=0)
+    randomize_B(model)
+    state = lora.lora_state_dict(model)
+    assert state and all(".lora_" in k for k in state)
+    torch.save(state, tmp_path / "a.pt")
+    fresh = adapted(seed=0)                       # same base weights, fresh adapters
+    for m in lora.lora_layers(fresh):
+        m.lora_A.weight.data.normal_()
+    lora.load_lora_state_dict(fresh, torch.load(tmp_path / "a.pt"))
+    x = torch.randn(2, 4, 12)
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_load_rejects_mismatch():
+    state = lora.lora_state_dict(adapted(r=4))
+    with pytest.raises(ValueError, match="rank"):
+        lora.load_lora_state_dict(adapted(r=2), state)
+    other = Tiny()
+    lora.add_lora(other, targets=["q"], r=4)
+    with pytest.raises(ValueError, match="keys do not match"):
+        lora.load_lora_state_dict(other, state)
+    with pytest.raises(ValueError, match="no LoRA layers"):
+        lora.load_lora_state_dict(Tiny(), state)
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(targets=["nope"]), "match no layer"),
+                                     (dict(targets=[]), "empty"),
+                                     (dict(r=0), "rank"), (dict(r=2.5), "rank"),
+                                     (dict(alpha=0), "alpha"), (dict(dropout=1.0), "dropout"),
+                                     (dict(targets=["blocks"]), "not an nn.Linear")])
+def test_bad_inputs_raise(kw, msg):
+    args = dict(targets=["q"], r=4) | kw
+    with pytest.raises(ValueError, match=msg):
+        lora.add_lora(Tiny(), **args)
+
+
+def test_adapting_twice_and_multihead_attention_raise():
+    model = adapted()
+    with pytest.raises(ValueError, match="already adapted"):
+        lora.add_lora(model, targets=["q"])
+    enc = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+    with pytest.raises(ValueError, match="MultiheadAttention"):
+        lora.add_lora(enc, targets=["out_proj"])
+
+
+def test_dropout_only_in_training_and_dtype_under_autocast():
+    model = adapted(dropout=0.5)
+    randomize_B(model)
+    x = torch.randn(2, 3, 12)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    assert not torch.equal(model(x), model(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x).dtype == torch.bfloat16
