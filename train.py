@@ -149,8 +149,8 @@ def make_batch(tasks, n, seed, L=8, rho=(0.8, 0.95), rho_shift=0.1, noise=0.25,
         y = rand(n) < 0.5                                             # clean label
         xb = digit(0, 9, n, L)
         xb = xb + (xb >= 7).long()                                    # digits without a 7
-        pos = digit(1, L, n)
-        xb[torch.arange(n, device=device), pos] = torch.where(y, 7, xb[torch.arange(n, device=device), pos])
+        rows, pos = torch.arange(n, device=device), digit(1, L, n)
+        xb[rows, pos] = torch.where(y, 7, xb[rows, pos])              # one 7 when y
         y_noisy = y ^ (rand(n) < noise)
         rho_e = torch.tensor([*rho, rho_shift], device=device)[env]    # (n,)
         a = y_noisy ^ (rand(n) >= rho_e)                              # A's feature agrees w.p. rho
@@ -341,15 +341,17 @@ def train(model, args, tasks, steps, lr, desc, seed=None, batch=None, ckpt_path=
         with autocast:
             logits = fwd(b["idx"])
         loss = F.cross_entropy(logits.float().flatten(0, 1), b["targets"].flatten())
-        if not torch.isfinite(loss):
-            raise SystemExit(f"error: loss became {loss.item()} at step {step} of {desc}; "
-                             "try a lower --lr or a larger --warmup")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.clip)
         opt.step()
-        if step % 25 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step == 0 or (step + 1) % 25 == 0 or step == steps - 1:   # syncs a GPU: not every step;
+            # checked before any checkpoint (every --ckpt-every, a multiple of 25 by default) is written
+            value = loss.item()
+            if not math.isfinite(value):
+                raise SystemExit(f"error: loss became {value} at step {step} of {desc}; "
+                                 "try a lower --lr or a larger --warmup")
+            bar.set_postfix(loss=f"{value:.4f}")
         if ckpt_path and args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < steps:
             trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
             save_atomic(dict(step=step + 1, settings=settings, trainable=trained, opt=opt.state_dict(),
