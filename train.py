@@ -18,12 +18,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import align_lora
 import lora
+import mtl_lora
+import multihead_lora
+import spurious_reg
 
 # ----------------------------------------------------------------------------- command line
 
-METHODS = ["none", "full", "lora"]
-DEFAULT_LR = {"full": 1e-3}   # every other method: 3e-3
+METHODS = ["none", "full", "lora", "multihead", "mtl", "align", "spurious"]
+DEFAULT_LR = {"full": 1e-3}       # every other method: 3e-3
+DEFAULT_RANK = {"multihead": 4}   # HydraLoRA's r=4 with N=3 heads; every other method: 8
+DEFAULT_DROPOUT = {"multihead": 0.05}   # M-LoRA's heads only differ through their dropout masks
 
 
 def get_args(argv=None):
@@ -37,14 +43,28 @@ def get_args(argv=None):
     a("--warmup", type=int, default=50, help="linear warm-up steps, then cosine decay to 10%%")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     a("--clip", type=float, default=1.0, help="gradient-norm clipping")
-    a("--rank", type=int, default=8, help="adapter rank r")
-    a("--alpha", type=float, default=16.0, help="adapter scaling numerator: s = alpha / r")
-    a("--dropout", type=float, default=0.0, help="dropout on the adapter input")
+    a("--rank", type=int, default=None, help="adapter rank r (default 8; multihead: 4 per head)")
+    a("--alpha", type=float, default=None, help="adapter scaling numerator: s = alpha / r (default 2r)")
+    a("--dropout", type=float, default=None, help="adapter dropout (default 0; multihead: 0.05)")
     a("--targets", default="q,k,v,o,up,down", help="comma-separated linear-layer names to adapt")
+    # method-specific (see each method file's docstring)
+    a("--heads", type=int, default=3, help="multihead: number of B heads N")
+    a("--no-router", action="store_true", help="multihead: M-LoRA (mean of heads) instead of HydraLoRA")
+    a("--n-up", type=int, default=3, help="mtl: shared up-projections n")
+    a("--temperature", type=float, default=0.5, help="mtl: softmax temperature tau of the mixing")
+    a("--diagonal", action="store_true", help="mtl: diagonal task transform Lam_t")
+    a("--align-loss", default="kl", help="align: kl | mmd")
+    a("--align-weight", type=float, default=0.2, help="align: lambda in L_task + lambda * L_align")
+    a("--modules", type=int, default=4, help="spurious: MT-CRL modules K (chunks of the final state)")
+    a("--decorr-weight", type=float, default=0.01, help="spurious: weight of the decorrelation loss")
+    a("--sparsity-weight", type=float, default=0.01, help="spurious: weight of the graph's L1")
+    a("--invariance-weight", type=float, default=10.0, help="spurious: weight of the invariance penalty")
+    a("--invariance", default="irm", help="spurious: irm (IRMv1) | var (gradient variance)")
+    a("--invariance-warmup", type=float, default=0.3, help="spurious: fraction of steps before it starts")
     # model and pre-training of the base
     a("--width", type=int, default=64, help="model width")
     a("--layers", type=int, default=3, help="transformer blocks")
-    a("--heads", type=int, default=4, help="attention heads")
+    a("--attn-heads", type=int, default=4, help="attention heads")
     a("--seq-len", type=int, default=8, help="digits per input (L)")
     a("--base-steps", type=int, default=1500, help="pre-training steps of the base")
     a("--base-lr", type=float, default=3e-3, help="pre-training learning rate")
@@ -79,18 +99,35 @@ def get_args(argv=None):
             bad(f"{name} values must lie in [0, 1]")
     if len(args.rho) != 2:
         bad("--rho takes exactly two training environments, e.g. 0.8,0.95")
-    for name in ["steps", "batch", "base_batch", "rank", "width", "layers", "heads", "seq_len", "eval_samples"]:
+    args.rank = DEFAULT_RANK.get(args.method, 8) if args.rank is None else args.rank
+    args.alpha = 2.0 * args.rank if args.alpha is None else args.alpha
+    args.dropout = DEFAULT_DROPOUT.get(args.method, 0.0) if args.dropout is None else args.dropout
+    for name in ["steps", "batch", "base_batch", "rank", "width", "layers", "attn_heads", "seq_len",
+                 "eval_samples", "heads", "n_up", "modules"]:
         if getattr(args, name) < 1:
             bad(f"--{name.replace('_', '-')} must be >= 1")
     if args.seq_len < 2:
         bad("--seq-len must be >= 2 (task B places a 7 after the first digit)")
-    if args.width % args.heads:
-        bad(f"--width {args.width} must be divisible by --heads {args.heads}")
+    if args.width % args.attn_heads:
+        bad(f"--width {args.width} must be divisible by --attn-heads {args.attn_heads}")
+    if args.width % args.modules:
+        bad(f"--width {args.width} must be divisible by --modules {args.modules}")
+    if args.align_loss not in ("kl", "mmd"):
+        bad(f"--align-loss must be kl or mmd; got {args.align_loss!r}")
+    if args.invariance not in ("irm", "var"):
+        bad(f"--invariance must be irm or var; got {args.invariance!r}")
+    if not 0 <= args.dropout < 1:
+        bad(f"--dropout must lie in [0, 1); got {args.dropout}")
+    if not 0 <= args.invariance_warmup <= 1:
+        bad("--invariance-warmup is a fraction of the steps, in [0, 1]")
     if args.lr is None:
         args.lr = DEFAULT_LR.get(args.method, 3e-3)
-    for name in ["lr", "base_lr", "alpha"]:
+    for name in ["lr", "base_lr", "alpha", "temperature"]:
         if not getattr(args, name) > 0:
             bad(f"--{name.replace('_', '-')} must be > 0")
+    for name in ["align_weight", "decorr_weight", "sparsity_weight", "invariance_weight"]:
+        if not getattr(args, name) >= 0:
+            bad(f"--{name.replace('_', '-')} must be >= 0")
     args.targets = [t for t in args.targets.split(",") if t]
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -220,6 +257,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.layers))
         self.ln_f = nn.LayerNorm(c.width)
         self.head = nn.Linear(c.width, c.vocab, bias=False)
+        self.crl = None        # MT-CRL's graph (spurious_reg.MTCRL) between features and head
+        self.task_aware = False   # MTL-LoRA layers need the batch's task ids
 
     def features(self, idx):                                          # idx (B, T) -> (B, T, d)
         x = self.tok(idx) + self.pos(torch.arange(idx.shape[1], device=idx.device))
@@ -234,7 +273,7 @@ class GPT(nn.Module):
 
 
 def model_config(args):
-    return GPTConfig(VOCAB, 2 * args.seq_len + 1, args.width, args.layers, args.heads)
+    return GPTConfig(VOCAB, 2 * args.seq_len + 1, args.width, args.layers, args.attn_heads)
 
 
 def base_settings(args):
@@ -268,24 +307,78 @@ def get_base(args):
     return state
 
 
-def build_model(args, base_state):
+def build_model(args, base_state, n_tasks):
+    """The base with the method's adapters (and, for spurious, MT-CRL's graph as `model.crl`)."""
     torch.manual_seed(args.seed)
     model = GPT(model_config(args))
     model.load_state_dict(base_state)
-    if args.method == "none":
-        model.requires_grad_(False)
-    elif args.method == "lora":
-        try:
-            lora.add_lora(model, args.targets, args.rank, args.alpha, args.dropout)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}")
+    m, hp = args.method, dict(r=args.rank, alpha=args.alpha, dropout=args.dropout)
+    try:
+        if m == "none":
+            model.requires_grad_(False)
+        elif m in ("lora", "align", "spurious"):
+            lora.add_lora(model, args.targets, **hp)
+        elif m == "multihead":
+            multihead_lora.add_multihead_lora(model, args.targets, n_heads=args.heads,
+                                              router=not args.no_router, **hp)
+        elif m == "mtl":
+            mtl_lora.add_mtl_lora(model, n_tasks, args.targets, n_up=args.n_up, tau=args.temperature,
+                                  diagonal=args.diagonal, **hp)
+            model.task_aware = True
+        if m == "spurious":
+            model.crl = spurious_reg.MTCRL(args.width, n_tasks, args.modules)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     return model.to(args.device)
 
 
+def logits_for(model, idx, task):
+    """Logits (B, T, vocab) for a batch of (possibly mixed) tasks, and the final hidden state
+    (B, T, d) when MT-CRL's graph gates it before the head (else None). MTL-LoRA's layers read
+    the task ids from a context manager; the model's forward signature stays (idx) -> logits."""
+    if model.crl is not None:
+        h = model.features(idx)
+        return model.head(model.crl(h, task)), h
+    if model.task_aware:
+        with mtl_lora.task_ids(model, task):
+            return model(idx), None
+    return model(idx), None
+
+
+def regularizer(model, args, steps):
+    """The method's extra loss term, (step, batch, logits, h) -> scalar, or None."""
+    if args.method == "align":
+        align = align_lora.AlignmentLoss(model, kind=args.align_loss)   # hooks on every lora_A
+
+        def align_reg(step, b, logits, h):
+            return args.align_weight * align(b["task"], b["idx"] != PAD)
+        align_reg.remove = align.remove
+        return align_reg
+    if args.method != "spurious":
+        return None
+    crl = model.crl
+
+    def reg(step, b, logits, h):
+        answer = b["targets"] != -100                                      # (B, T)
+        tok = F.cross_entropy(logits.float().transpose(1, 2), b["targets"], reduction="none")
+        risk = tok.sum(1) / answer.sum(1)                                  # (B,) per-sample risk
+        loss = args.decorr_weight * crl.decorrelation(h, answer) + args.sparsity_weight * crl.sparsity()
+        w = spurious_reg.warmup_weight(step, steps, args.invariance_weight, args.invariance_warmup)
+        if w > 0:
+            loss = loss + w * crl.invariance(risk, b["task"], b["env"], kind=args.invariance)
+        return loss
+    return reg
+
+
 def adapter_state(model, method):
-    if method == "lora":
-        return lora.lora_state_dict(model)
-    return {k: v for k, v in model.state_dict().items()} if method == "full" else {}
+    if method == "full":
+        return dict(model.state_dict())
+    state = {"lora": lora.lora_state_dict, "align": lora.lora_state_dict,
+             "spurious": lora.lora_state_dict, "multihead": multihead_lora.multihead_state_dict,
+             "mtl": mtl_lora.mtl_state_dict}.get(method, lambda m: {})(model)
+    if model.crl is not None:
+        state.update({f"crl.{k}": v for k, v in model.crl.state_dict().items()})
+    return state
 
 
 def trainable(model):
@@ -308,8 +401,10 @@ def lr_at(step, steps, warmup, peak):
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def train(model, args, tasks, steps, lr, desc, seed=None, batch=None, ckpt_path=None, resume=False):
-    """AdamW on the trainable parameters, warm-up + cosine, clipping. Returns steps/s."""
+def train(model, args, tasks, steps, lr, desc, seed=None, batch=None, ckpt_path=None, resume=False,
+          extra=None):
+    """AdamW on the trainable parameters, warm-up + cosine, clipping; `extra(step, batch, logits,
+    h)` is added to the loss (a method's regularizer). Returns steps/s."""
     seed = args.seed if seed is None else seed
     batch = batch or args.batch
     params = [p for p in model.parameters() if p.requires_grad]
@@ -339,8 +434,10 @@ def train(model, args, tasks, steps, lr, desc, seed=None, batch=None, ckpt_path=
         b = make_batch(tasks, batch, data_seed("train", seed, step), args.seq_len, args.rho,
                        args.rho_shift, args.noise, device=args.device)
         with autocast:
-            logits = fwd(b["idx"])
+            logits, h = logits_for(fwd, b["idx"], b["task"])
         loss = F.cross_entropy(logits.float().flatten(0, 1), b["targets"].flatten())
+        if extra is not None:
+            loss = loss + extra(step, b, logits, h)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.clip)
@@ -372,8 +469,8 @@ def evaluate(model, args, tasks, n=None):
     out = {}
     for split, shifted in [("id", False), ("shift", True)]:
         b = batch_for(args, tasks, n, "test", shifted=shifted)
-        correct = torch.cat([((model(i).argmax(-1) == c) | (c == -100)).all(1) for i, c in
-                             zip(b["idx"].split(2048), b["clean"].split(2048))])
+        correct = torch.cat([((logits_for(model, i, t)[0].argmax(-1) == c) | (c == -100)).all(1)
+                             for i, t, c in zip(*(b[k].split(2048) for k in ("idx", "task", "clean")))])
         acc = torch.zeros(len(tasks), device=args.device).index_add_(0, b["task"], correct.float())
         acc = acc / torch.bincount(b["task"], minlength=len(tasks))
         out[split] = {t: acc[i].item() for i, t in enumerate(tasks)}
@@ -382,6 +479,43 @@ def evaluate(model, args, tasks, n=None):
             guess = (b["idx"][is_b, 1] >= 5).long()
             out[split]["shortcut"] = (guess == b["clean"][is_b, args.seq_len + 1]).float().mean().item()
     return out
+
+
+@torch.no_grad()
+def diagnostics(model, args, tasks):
+    """What each method learned, as text and as numbers: multi-head LoRA's head similarity and
+    routing (task x head), MTL-LoRA's mixing weights p_t (task x up-projection), MT-CRL's graph
+    (task x module). Averages over the adapted layers."""
+    def table(rows, cols, m):
+        head = f"{'':<12}" + "".join(f"{c:>8}" for c in cols)
+        return "\n".join([head] + [f"{r:<12}" + "".join(f"{v:>8.3f}" for v in row)
+                                     for r, row in zip(rows, m.tolist())])
+    text, out = [], {}
+    if args.method == "multihead":
+        sim = multihead_lora.head_similarity(model)
+        out["head_similarity"] = sim
+        vals = torch.tensor(list(sim.values()))
+        text.append(f"head similarity (mean off-diagonal cosine of the flattened B_i per layer): "
+                    f"mean {vals.nanmean():.3f}, min {vals.min():.3f}, max {vals.max():.3f}")
+        if not args.no_router:
+            b = batch_for(args, tasks, 200 * len(tasks), "test")
+            with multihead_lora.record_routing(model) as rec:
+                logits_for(model, b["idx"], b["task"])
+            m = multihead_lora.routing_table(rec, b["task"], len(tasks), b["idx"] != PAD)
+            out["routing"] = m.tolist()
+            text.append("mean routing weight, task x head (tokens and layers averaged):\n"
+                        + table(tasks, [f"B_{i}" for i in range(m.shape[1])], m))
+    if args.method == "mtl":
+        p = torch.stack(list(mtl_lora.mixing_weights(model).values())).mean(0)   # (T, n)
+        out["mixing_weights"] = p.tolist()
+        text.append(f"mixing weights p_t = softmax(w_t / {args.temperature}), task x up-projection "
+                    "(mean over layers):\n" + table(tasks, [f"B_{i}" for i in range(p.shape[1])], p))
+    if model.crl is not None:
+        g = model.crl.gates()
+        out["graph"] = g.tolist()
+        text.append("MT-CRL graph g = sigmoid(G), task x module:\n"
+                    + table(tasks, [f"h_{k}" for k in range(g.shape[1])], g))
+    return "\n".join(text), out
 
 
 def report(acc, tasks):
@@ -401,20 +535,25 @@ def run(args):
     tasks = SUITES[args.suite]
     t0 = time.perf_counter()
     base_state = get_base(args)
-    model = build_model(args, base_state)
+    model = build_model(args, base_state, len(tasks))
     n_base = sum(v.numel() for v in base_state.values())
     n_train = trainable(model)
     print(f"method {args.method}: {n_train:,} trainable parameters "
           f"({n_train / n_base:.2%} of the base's {n_base:,})")
-    run_dir = os.path.join(args.out, f"{args.suite}-{args.method}-seed{args.seed}")
+    name = args.method + ("-norouter" if args.method == "multihead" and args.no_router else "")
+    run_dir = os.path.join(args.out, f"{args.suite}-{name}-seed{args.seed}")
     t1 = time.perf_counter()
+    extra = regularizer(model, args, args.steps)
     speed = train(model, args, tasks, args.steps, args.lr, args.method,
-                  ckpt_path=os.path.join(run_dir, "ckpt.pt"), resume=args.resume)
+                  ckpt_path=os.path.join(run_dir, "ckpt.pt"), resume=args.resume, extra=extra)
+    if hasattr(extra, "remove"):
+        extra.remove()
     train_time = time.perf_counter() - t1
     acc = evaluate(model, args, tasks)
-    print(report(acc, tasks))
-    metrics = dict(method=args.method, suite=args.suite, seed=args.seed, trainable=n_train,
-                   base_params=n_base, accuracy=acc, steps_per_s=speed, train_s=train_time,
+    text, learned = diagnostics(model, args, tasks)
+    print(report(acc, tasks) + ("\n" + text if text else ""))
+    metrics = dict(method=name, suite=args.suite, seed=args.seed, trainable=n_train,
+                   base_params=n_base, accuracy=acc, learned=learned, steps_per_s=speed, train_s=train_time,
                    total_s=time.perf_counter() - t0,
                    args={k: v for k, v in vars(args).items() if k not in ("resume",)})
     save_atomic(adapter_state(model, args.method), os.path.join(run_dir, "adapter.pt"))

@@ -92,9 +92,11 @@ def test_gpt_is_causal():
     torch.testing.assert_close(model(idx)[:, :5], model(idx2)[:, :5])
 
 
-@pytest.mark.parametrize("method", ["none", "full", "lora"])
+@pytest.mark.parametrize("method", ["none", "full", "lora", "multihead", "multihead --no-router",
+                                    "mtl", "align", "spurious"])
 def test_smoke_run_per_method(out, method, capsys):
     m = train.run(args_for(out, f"--method {method} --steps 6"))
+    method = method.replace(" --no-router", "-norouter")
     run_dir = os.path.join(out, f"default-{method}-seed0")
     saved = json.load(open(os.path.join(run_dir, "metrics.json")))
     assert saved["method"] == method and set(saved["accuracy"]["id"]) >= set(train.SUITES["default"])
@@ -104,10 +106,24 @@ def test_smoke_run_per_method(out, method, capsys):
         assert m["trainable"] == layers * r * (4 * 2 * d + 2 * (d + 4 * d))
         assert adapter and all(".lora_" in k for k in adapter)
         assert "trainable parameters" in capsys.readouterr().out
+        return
     elif method == "none":
         assert m["trainable"] == 0 and adapter == {}
-    else:
+    elif method == "full":
         assert m["trainable"] == m["base_params"]
+    else:                                            # adapters only, all of them saved
+        assert 0 < m["trainable"] < m["base_params"]
+        assert sum(v.numel() for v in adapter.values()) == m["trainable"]
+    out_text = capsys.readouterr().out
+    if method == "multihead":
+        assert "head similarity" in out_text and "routing weight" in out_text
+        assert len(m["learned"]["routing"]) == 4
+    if method == "multihead-norouter":
+        assert "head similarity" in out_text and "routing" not in out_text
+    if method == "mtl":
+        assert "mixing weights" in out_text and len(m["learned"]["mixing_weights"]) == 4
+    if method == "spurious":
+        assert "graph" in out_text and len(m["learned"]["graph"]) == 4
 
 
 def test_base_is_cached_and_a_mismatch_is_reported(out, capsys):
@@ -153,11 +169,14 @@ def test_nonfinite_loss_stops_with_a_hint(out, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, msg", [("--method bogus", "unknown --method"),
-                                       ("--method multihead", "unknown --method"),
+                                       ("--align-loss l2", "kl or mmd"),
+                                       ("--temperature 0", "--temperature must"),
+                                       ("--heads 0", "--heads must"), ("--dropout 1", "--dropout"),
+                                       ("--width 30 --modules 4", "--modules"),
                                        ("--suite nope", "unknown --suite"),
                                        ("--rank 0", "--rank must be"), ("--rho 0.8", "exactly two"),
                                        ("--rho 0.8,1.5", "in \\[0, 1\\]"), ("--lr -1", "--lr must"),
-                                       ("--width 30 --heads 4", "divisible")])
+                                       ("--width 30 --attn-heads 4", "divisible")])
 def test_bad_command_lines_are_rejected(argv, msg, capsys):
     with pytest.raises(SystemExit):
         train.get_args(argv.split())
@@ -174,7 +193,7 @@ def test_clean_label_of_task_b_is_learnable(out):
     """At rho 0.5 the first digit carries no information about B's label: LoRA must learn the
     feature itself and beat what the shortcut scores (about 50%)."""
     args = args_for(out, "--method lora --rho 0.5,0.5 --batch 128")
-    model = train.build_model(args, train.get_base(args))
+    model = train.build_model(args, train.get_base(args), n_tasks=1)
     train.train(model, args, ["has7"], 200, args.lr, "has7")
     acc = train.evaluate(model, args, ["has7"])
     assert acc["id"]["has7"] > acc["id"]["shortcut"] + 0.25

@@ -1,0 +1,268 @@
+import pytest
+import torch
+import torch.nn as nn
+
+import spurious_reg
+from spurious_reg import MTCRL, warmup_weight
+
+
+def random_graph(crl, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    crl.G.data = torch.randn(crl.G.shape, generator=g, dtype=crl.G.dtype)
+    return crl
+
+
+def test_init_gates_half_forward_half_h_and_param_count():
+    crl = MTCRL(d=12, n_tasks=3, n_modules=4)
+    assert crl.G.shape == (3, 4) and torch.count_nonzero(crl.G) == 0
+    assert torch.equal(crl.gates(), torch.full((3, 4), 0.5))
+    assert [n for n, _ in crl.named_parameters()] == ["G"] and list(crl.state_dict()) == ["G"]
+    h = torch.randn(5, 7, 12)
+    assert torch.equal(crl(h, torch.tensor([0, 1, 2, 1, 0])), 0.5 * h)
+    big = MTCRL(d=4096, n_tasks=8, n_modules=16)
+    assert sum(p.numel() for p in big.parameters()) == 8 * 16
+
+
+@pytest.mark.parametrize("shape", [(6, 12), (6, 5, 12), (6, 2, 3, 12)])
+def test_forward_equals_per_sample_loop(shape):
+    crl = random_graph(MTCRL(d=12, n_tasks=3, n_modules=3))
+    h = torch.randn(shape)
+    t = torch.tensor([2, 0, 1, 1, 2, 0])
+    g = torch.sigmoid(crl.G)
+    ref = torch.empty_like(h)
+    for b in range(shape[0]):
+        for k in range(3):
+            ref[b, ..., 4 * k:4 * (k + 1)] = g[t[b], k] * h[b, ..., 4 * k:4 * (k + 1)]
+    torch.testing.assert_close(crl(h, t), ref)
+    assert crl(h.bfloat16(), t).dtype == torch.bfloat16
+
+
+def test_forward_gradient_reaches_only_used_rows():
+    crl = random_graph(MTCRL(d=8, n_tasks=3, n_modules=2))
+    crl(torch.randn(4, 8), torch.tensor([0, 2, 0, 2])).sum().backward()
+    assert crl.G.grad[1].abs().sum() == 0 and crl.G.grad[[0, 2]].abs().min() > 0
+
+
+def reference_decorrelation(h, K):
+    """Per module pair, from torch.corrcoef (unbiased/biased factors cancel in a correlation)."""
+    C = torch.corrcoef(h.double().T)
+    m = h.shape[1] // K
+    vals = [C[k * m:(k + 1) * m, l * m:(l + 1) * m].pow(2).mean()
+            for k in range(K) for l in range(K) if k != l]
+    return torch.stack(vals).mean().float()
+
+
+def test_decorrelation_zero_for_uncorrelated_modules():
+    N, d = 64, 8
+    x = torch.randn(N, d, dtype=torch.float64)
+    Q, _ = torch.linalg.qr(x - x.mean(0))                  # centered, orthonormal columns
+    h = (Q * N ** 0.5).float()                             # unit variance, zero correlation
+    assert MTCRL(d, 1, 4).decorrelation(h).abs() < 1e-6
+    assert MTCRL(d, 1, 2).decorrelation(h).abs() < 1e-6
+
+
+def test_decorrelation_copies_and_formula():
+    u = torch.randn(50, 1)
+    assert MTCRL(4, 1, 4).decorrelation(u.repeat(1, 4)).item() == pytest.approx(1.0, abs=1e-4)
+    u = torch.randn(50, 3)
+    copies = torch.cat([u, u], dim=1)                       # module 2 copies module 1
+    val = MTCRL(6, 1, 2).decorrelation(copies)
+    assert val > 0.3
+    torch.testing.assert_close(val, reference_decorrelation(copies, 2), atol=1e-4, rtol=1e-4)
+    mixed = torch.randn(40, 12) @ torch.randn(12, 12)       # arbitrary correlations
+    torch.testing.assert_close(MTCRL(12, 1, 3).decorrelation(mixed),
+                               reference_decorrelation(mixed, 3), atol=1e-4, rtol=1e-4)
+    assert MTCRL(12, 1, 1).decorrelation(mixed) == 0        # K = 1: no module pairs
+
+
+def test_decorrelation_mask_excludes_tokens():
+    torch.manual_seed(0)
+    crl = MTCRL(8, 2, 4)
+    h = torch.randn(4, 6, 8) @ torch.randn(8, 8)
+    mask = torch.rand(4, 6) > 0.3
+    ref = crl.decorrelation(h[mask])                        # kept tokens only, (N, d)
+    h_bad = h.clone()
+    h_bad[~mask] = 1e30
+    torch.testing.assert_close(crl.decorrelation(h_bad, mask), ref)
+    h_bad[~mask] = float("nan")
+    torch.testing.assert_close(crl.decorrelation(h_bad, mask.float()), ref)
+    assert not torch.allclose(crl.decorrelation(h), ref)
+
+
+def test_sparsity_is_mean_gate():
+    crl = random_graph(MTCRL(8, 3, 4))
+    torch.testing.assert_close(crl.sparsity(), torch.sigmoid(crl.G).mean())
+    crl.sparsity().backward()
+    assert crl.G.grad.abs().min() > 0
+
+
+def regression_setup(dtype=torch.float32, seed=0):
+    """Tiny squared-error problem: pred_i = sum_k g[t_i, k] * (h_ik . w_k)."""
+    g = torch.Generator().manual_seed(seed)
+    crl = random_graph(MTCRL(d=6, n_tasks=3, n_modules=3).to(dtype), seed)
+    h = torch.randn(10, 6, generator=g, dtype=dtype)
+    w = torch.randn(6, generator=g, dtype=dtype)
+    y = torch.randn(10, generator=g, dtype=dtype)
+    t = torch.tensor([0, 0, 1, 1, 2, 0, 0, 1, 1, 2])        # tasks 0, 1 in two of three envs,
+    e = torch.tensor([3, 3, 3, 3, 7, 7, 7, 9, 9, 7])        # task 2 only in env 7; ids not 0..E-1
+    return crl, h, w, y, t, e
+
+
+def closed_form_grads(crl, h, w, y, t, e):
+    """dR_t^e/dG_t by hand: mean_i 2 (pred_i - y_i) (h_ik . w_k) * g_tk (1 - g_tk)."""
+    g = torch.sigmoid(crl.G.detach())
+    s = (h * w).view(len(h), 3, 2).sum(-1)                  # (B, K) module scores h_k . w_k
+    pred = (g[t] * s).sum(-1)
+    out = {}
+    for task in range(3):
+        for env in e.unique().tolist():
+            sel = (t == task) & (e == env)
+            if sel.any():
+                dR_dg = (2 * (pred - y)[sel, None] * s[sel]).mean(0)
+                out[task, env] = dR_dg * g[task] * (1 - g[task])
+    return out
+
+
+def test_invariance_irm_and_var_equal_hand_computation():
+    crl, h, w, y, t, e = regression_setup()
+    losses = (crl(h, t) @ w - y) ** 2
+    grads = closed_form_grads(crl, h, w, y, t, e)
+    irm = var = 0.0
+    for task in range(3):
+        gs = [v for (tt, _), v in grads.items() if tt == task]
+        irm += sum(v.pow(2).sum() for v in gs) / len(gs)
+        if len(gs) >= 2:
+            mean = sum(gs) / len(gs)
+            var += sum((v - mean).pow(2).sum() for v in gs) / len(gs)
+    torch.testing.assert_close(crl.invariance(losses, t, e), irm)
+    torch.testing.assert_close(crl.invariance(losses, t, e, kind="var"), var)
+    assert irm > 0 and var > 0
+
+
+def test_invariance_zero_when_every_risk_gradient_is_zero():
+    crl, h, w, y, t, e = regression_setup()
+    pred = crl(h, t) @ w
+    losses = (pred - pred.detach()) ** 2                    # perfect fit: zero gradient everywhere
+    assert crl.invariance(losses, t, e) == 0 and crl.invariance(losses, t, e, kind="var") == 0
+
+
+def test_var_zero_for_identical_environments_and_positive_otherwise():
+    crl, h, w, y, t, _ = regression_setup()
+    hh, yy, tt = torch.cat([h, h]), torch.cat([y, y]), torch.cat([t, t])
+    ee = torch.tensor([0] * 10 + [1] * 10)                  # env 1 is an exact copy of env 0
+    losses = (crl(hh, tt) @ w - yy) ** 2
+    assert crl.invariance(losses, tt, ee, kind="var").abs() < 1e-10
+    assert crl.invariance(losses, tt, ee, kind="irm") > 0
+    yy[10:] += 1.0                                          # env 1 now has other labels
+    losses = (crl(hh, tt) @ w - yy) ** 2
+    assert crl.invariance(losses, tt, ee, kind="var") > 1e-4
+
+
+def test_invariance_gradient_flows_and_matches_finite_difference():
+    crl, h, w, y, t, e = regression_setup(torch.float64)
+    body = nn.Linear(6, 6).double()
+
+    def penalty(kind):
+        losses = (crl(body(h), t) @ w - y) ** 2
+        return crl.invariance(losses, t, e, kind=kind)
+
+    for kind in ("irm", "var"):
+        crl.G.grad, body.weight.grad = None, None
+        penalty(kind).backward()
+        assert body.weight.grad.abs().sum() > 0             # create_graph: reaches what made h
+        eps = 1e-6
+        for idx in [(0, 0), (1, 2), (2, 1)]:
+            with torch.no_grad():
+                crl.G[idx] += eps
+            up = penalty(kind).item()
+            with torch.no_grad():
+                crl.G[idx] -= 2 * eps
+            down = penalty(kind).item()
+            with torch.no_grad():
+                crl.G[idx] += eps
+            assert crl.G.grad[idx].item() == pytest.approx((up - down) / (2 * eps), rel=1e-5)
+
+
+def test_invariance_zero_when_losses_do_not_depend_on_G():
+    crl, h, w, y, t, e = regression_setup()
+    hh = h.clone().requires_grad_()
+    losses = (hh @ w - y) ** 2                              # grad exists, but not through G
+    assert crl.invariance(losses, t, e) == 0
+    assert crl.invariance(losses.detach(), t, e, kind="var") == 0
+    with torch.no_grad():
+        assert crl.invariance((crl(h, t) @ w - y) ** 2, t, e) == 0
+
+
+def test_var_ignores_tasks_seen_in_one_environment():
+    crl, h, w, y, t, e = regression_setup()
+    one_env = torch.zeros_like(e)
+    losses = (crl(h, t) @ w - y) ** 2
+    assert crl.invariance(losses, t, one_env, kind="var") == 0
+    assert crl.invariance(losses, t, one_env, kind="irm") > 0
+
+
+def test_warmup_weight_schedule():
+    assert [warmup_weight(s, 100, 10.0) for s in (0, 29, 30, 99, 100)] == [0, 0, 10, 10, 10]
+    assert warmup_weight(0, 100, 2.5, warmup=0.0) == 2.5 and warmup_weight(99, 100, 2.5, 1.0) == 0
+    assert warmup_weight(49, 100, 1, warmup=0.5) == 0 and warmup_weight(50, 100, 1, 0.5) == 1.0
+
+
+@pytest.mark.parametrize("args, msg", [((5, 100, 1.0), None), ((-1, 100, 1.0), "step"),
+                                       ((101, 100, 1.0), "step"), ((1.5, 100, 1.0), "step"),
+                                       ((0, 0, 1.0), "total_steps"), ((0, 10, -1.0), "weight"),
+                                       ((0, 10, float("inf")), "weight"),
+                                       ((0, 10, 1.0, 1.5), "warmup"),
+                                       ((0, 10, 1.0, -0.1), "warmup")])
+def test_warmup_weight_bad_inputs(args, msg):
+    if msg is None:
+        warmup_weight(*args)
+        return
+    with pytest.raises(ValueError, match=msg):
+        warmup_weight(*args)
+
+
+@pytest.mark.parametrize("kw, msg", [(dict(d=10, n_modules=4), "10 % 4"),
+                                     (dict(n_modules=0), "n_modules"),
+                                     (dict(n_tasks=0), "n_tasks"), (dict(d=8.0), "d must")])
+def test_constructor_bad_inputs(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        MTCRL(**(dict(d=8, n_tasks=2, n_modules=4) | kw))
+
+
+def test_call_bad_inputs():
+    crl = MTCRL(8, 2, 4)
+    h, t, e = torch.randn(3, 5, 8), torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1])
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        crl(h, torch.tensor([0, 2, 1]))
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        crl(h, torch.tensor([0, -1, 1]))
+    with pytest.raises(ValueError, match="shape"):
+        crl(h, torch.tensor([[0, 1, 1]]))
+    with pytest.raises(ValueError, match="shape"):
+        crl(h, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="integer"):
+        crl(h, torch.tensor([0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="d = 8"):
+        crl(torch.randn(3, 5, 6), t)
+    with pytest.raises(ValueError, match="mask"):
+        crl.decorrelation(h, torch.ones(3, 4, dtype=torch.bool))
+    losses = (crl(h, t) ** 2).mean((1, 2))
+    with pytest.raises(ValueError, match="env_ids"):
+        crl.invariance(losses, t, torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="env_ids"):
+        crl.invariance(losses, t, torch.tensor([0.0, 1.0, 1.0]))
+    with pytest.raises(ValueError, match="per-sample"):
+        crl.invariance((crl(h, t) ** 2).mean(-1), t, e)
+    with pytest.raises(ValueError, match=r"task_ids must have shape \(B,\) = \(2,\)"):
+        crl.invariance(losses[:2], t, e)
+    with pytest.raises(ValueError, match="kind"):
+        crl.invariance(losses, t, e, kind="vrex")
+
+
+def test_docstring_usage_runs():
+    doc = spurious_reg.__doc__
+    lines = doc[doc.index("Usage"):].splitlines()[2:]
+    code = "\n".join(line[4:] for line in lines if line.startswith("    "))
+    scope = {}
+    exec(code, scope)
+    assert scope["crl"].G.grad is not None and scope["crl"].G.grad.abs().sum() > 0
