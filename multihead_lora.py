@@ -73,20 +73,20 @@ class MultiHeadLoRALinear(nn.Module):
         if self.merged:
             return out
         N, r = self.n_heads, self.r
-        xa = x.to(self.lora_A.weight.dtype).reshape(-1, x.shape[-1])     # (M, d_in), M tokens
-        out2 = out.reshape(-1, out.shape[-1])                             # (M, d_out)
+        xa = x.to(self.lora_A.weight.dtype)                              # (..., d_in)
+        out2 = out.reshape(-1, out.shape[-1])                             # (M, d_out), M tokens
         if self.router is None:
-            z = self.lora_A(xa)                                           # (M, r)
+            z = self.lora_A(xa).reshape(-1, r)                            # (M, r)
             if not (self.training and self.dropout > 0):                  # no masks: mean_i(B_i) z
                 B = self.lora_B.mean(0).t().to(out.dtype)                 # (r, d_out)
                 return torch.addmm(out2, z.to(out.dtype), B, alpha=self.scaling).view(out.shape)
             wz = self.drop(z.unsqueeze(1).expand(-1, N, r))               # (M, N, r), mask per head
             s = self.scaling / N                                          # the mean's 1/N
         else:
-            w = self.router(xa).float().softmax(-1)                       # (M, N), fp32
+            w = self.router(xa).float().softmax(-1).reshape(-1, N)        # (M, N), fp32
             if self.record:
                 self.last_weights = w.detach().view(*x.shape[:-1], N)     # (..., N)
-            z = self.lora_A(self.drop(xa))                                # (M, r)
+            z = self.lora_A(self.drop(xa)).reshape(-1, r)                 # (M, r)
             wz = w.unsqueeze(-1) * z.unsqueeze(1)                         # (M, N, r)
             s = self.scaling
         # sum_i B_i (w_i z) as one matmul over the stacked heads: (M, N*r) @ (N*r, d_out)

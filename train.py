@@ -12,8 +12,10 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -25,10 +27,20 @@ import multihead_lora
 import spurious_reg
 
 # ----------------------------------------------------------------------------- command line
+# Under torchrun (WORLD_SIZE > 1) every process trains on its share of each global batch; DDP
+# averages the gradients; process 0 alone prints and writes files.
+RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+LOCAL_RANK = int(os.environ.get("LOCAL_RANK", 0))
 
-METHODS = ["none", "full", "lora", "multihead", "mtl", "align", "spurious"]
+
+def log(*a, **kw):
+    if RANK == 0:
+        print(*a, **kw)
+
+
+METHODS = ["none", "full", "lora", "multihead", "mtl", "align", "spurious", "all"]
+ALL = ["none", "full", "lora", "multihead", "multihead --no-router", "mtl", "align", "spurious"]
 DEFAULT_LR = {"full": 1e-3}       # every other method: 3e-3
-DEFAULT_RANK = {"multihead": 4}   # HydraLoRA's r=4 with N=3 heads; every other method: 8
 DEFAULT_DROPOUT = {"multihead": 0.05}   # M-LoRA's heads only differ through their dropout masks
 
 
@@ -43,7 +55,7 @@ def get_args(argv=None):
     a("--warmup", type=int, default=50, help="linear warm-up steps, then cosine decay to 10%%")
     a("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     a("--clip", type=float, default=1.0, help="gradient-norm clipping")
-    a("--rank", type=int, default=None, help="adapter rank r (default 8; multihead: 4 per head)")
+    a("--rank", type=int, default=8, help="adapter rank r (multihead: of each head)")
     a("--alpha", type=float, default=None, help="adapter scaling numerator: s = alpha / r (default 2r)")
     a("--dropout", type=float, default=None, help="adapter dropout (default 0; multihead: 0.05)")
     a("--targets", default="q,k,v,o,up,down", help="comma-separated linear-layer names to adapt")
@@ -79,6 +91,7 @@ def get_args(argv=None):
     a("--out", default="out", help="output folder (the cached base lives here too)")
     a("--device", default="auto", help="auto | cpu | cuda")
     a("--compile", action="store_true", help="torch.compile the model")
+    a("--seeds", type=int, default=1, help="--method all: seeds per method (--seed, --seed+1, ...)")
     a("--resume", action="store_true", help="continue from the run's last checkpoint")
     a("--ckpt-every", type=int, default=250, help="checkpoint every N steps (0: never)")
     args = p.parse_args(argv)
@@ -99,11 +112,10 @@ def get_args(argv=None):
             bad(f"{name} values must lie in [0, 1]")
     if len(args.rho) != 2:
         bad("--rho takes exactly two training environments, e.g. 0.8,0.95")
-    args.rank = DEFAULT_RANK.get(args.method, 8) if args.rank is None else args.rank
     args.alpha = 2.0 * args.rank if args.alpha is None else args.alpha
     args.dropout = DEFAULT_DROPOUT.get(args.method, 0.0) if args.dropout is None else args.dropout
     for name in ["steps", "batch", "base_batch", "rank", "width", "layers", "attn_heads", "seq_len",
-                 "eval_samples", "heads", "n_up", "modules"]:
+                 "eval_samples", "heads", "n_up", "modules", "seeds"]:
         if getattr(args, name) < 1:
             bad(f"--{name.replace('_', '-')} must be >= 1")
     if args.seq_len < 2:
@@ -133,6 +145,11 @@ def get_args(argv=None):
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         bad("--device cuda asked for, but torch sees no CUDA device")
+    if args.device == "cuda" and WORLD > 1:
+        args.device = f"cuda:{LOCAL_RANK}"                            # one GPU per process
+    if args.batch % WORLD or args.base_batch % WORLD:
+        bad(f"--batch {args.batch} and --base-batch {args.base_batch} are global batches: "
+            f"they must be divisible by the {WORLD} processes")
     return args
 
 # ----------------------------------------------------------------------------- data
@@ -294,14 +311,14 @@ def get_base(args):
                              f"(cached vs now: {diff}). Use another --out, or delete {path} "
                              "to pre-train a new base.")
         return saved["state_dict"]
-    print(f"pre-training the base on {want['tasks']} ({args.base_steps} steps); "
+    log(f"pre-training the base on {want['tasks']} ({args.base_steps} steps); "
           f"cached in {path} for later runs")
     torch.manual_seed(0)
     model = GPT(model_config(args)).to(args.device)
     train(model, args, SUITES["pretrain"], args.base_steps, args.base_lr, "base", seed=0,
           batch=args.base_batch)
     acc = evaluate(model, args, SUITES["pretrain"])
-    print("base: " + ", ".join(f"{t} {a:.1%}" for t, a in acc["id"].items()))
+    log("base: " + ", ".join(f"{t} {a:.1%}" for t, a in acc["id"].items()))
     state = {k: v.cpu() for k, v in model.state_dict().items()}
     save_atomic(dict(settings=want, state_dict=state, accuracy=acc), path)
     return state
@@ -343,6 +360,16 @@ def logits_for(model, idx, task):
         with mtl_lora.task_ids(model, task):
             return model(idx), None
     return model(idx), None
+
+
+class Forward(nn.Module):
+    """logits_for as a module, so that DDP can wrap it and average gradients in backward."""
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx, task):
+        return logits_for(self.model, idx, task)
 
 
 def regularizer(model, args, steps):
@@ -387,11 +414,17 @@ def trainable(model):
 # ----------------------------------------------------------------------------- training
 
 
-def save_atomic(obj, path):
+def save_atomic(obj, path, save=torch.save):
+    """Written whole or not at all (temp file + rename), by process 0 only."""
+    if RANK != 0:
+        return
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def write_text(text, path):
+    save_atomic(text, path, lambda t, p: Path(p).write_text(t))
 
 
 def lr_at(step, steps, warmup, peak):
@@ -404,12 +437,13 @@ def lr_at(step, steps, warmup, peak):
 def train(model, args, tasks, steps, lr, desc, seed=None, batch=None, ckpt_path=None, resume=False,
           extra=None):
     """AdamW on the trainable parameters, warm-up + cosine, clipping; `extra(step, batch, logits,
-    h)` is added to the loss (a method's regularizer). Returns steps/s."""
+    h)` is added to the loss (a method's regularizer). --batch is the global batch: under
+    torchrun each process draws its share with its own seed. Returns (steps/s, last loss)."""
     seed = args.seed if seed is None else seed
     batch = batch or args.batch
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        return 0.0
+        return 0.0, float("nan")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
     start = 0
     settings = {k: v for k, v in vars(args).items() if k not in ("resume", "ckpt_every", "compile")}
@@ -422,19 +456,24 @@ def train(model, args, tasks, steps, lr, desc, seed=None, batch=None, ckpt_path=
         opt.load_state_dict(ck["opt"])
         torch.set_rng_state(ck["rng"])
         start = ck["step"]
-        print(f"resumed {desc} from step {start} ({ckpt_path})")
-    fwd = torch.compile(model) if args.compile else model
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.device == "cuda")
+        log(f"resumed {desc} from step {start} ({ckpt_path})")
+    fwd = Forward(model)
+    if WORLD > 1:
+        fwd = nn.parallel.DistributedDataParallel(fwd)
+        torch.manual_seed(seed + 1_000_003 * RANK)                    # own dropout masks
+    fwd = torch.compile(fwd) if args.compile else fwd
+    autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.device.startswith("cuda"))
     model.train()
-    bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, mininterval=1.0)
+    bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, mininterval=1.0,
+               disable=RANK != 0)
     t0 = time.perf_counter()
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, args.warmup, lr)
-        b = make_batch(tasks, batch, data_seed("train", seed, step), args.seq_len, args.rho,
-                       args.rho_shift, args.noise, device=args.device)
+        b = make_batch(tasks, batch // WORLD, data_seed("train", seed, step) * WORLD + RANK,
+                       args.seq_len, args.rho, args.rho_shift, args.noise, device=args.device)
         with autocast:
-            logits, h = logits_for(fwd, b["idx"], b["task"])
+            logits, h = fwd(b["idx"], b["task"])
         loss = F.cross_entropy(logits.float().flatten(0, 1), b["targets"].flatten())
         if extra is not None:
             loss = loss + extra(step, b, logits, h)
@@ -444,7 +483,10 @@ def train(model, args, tasks, steps, lr, desc, seed=None, batch=None, ckpt_path=
         opt.step()
         if step == 0 or (step + 1) % 25 == 0 or step == steps - 1:   # syncs a GPU: not every step;
             # checked before any checkpoint (every --ckpt-every, a multiple of 25 by default) is written
-            value = loss.item()
+            value = loss.detach()
+            if WORLD > 1:
+                dist.all_reduce(value, dist.ReduceOp.AVG)                 # the global batch's loss
+            value = value.item()
             if not math.isfinite(value):
                 raise SystemExit(f"error: loss became {value} at step {step} of {desc}; "
                                  "try a lower --lr or a larger --warmup")
@@ -455,7 +497,7 @@ def train(model, args, tasks, steps, lr, desc, seed=None, batch=None, ckpt_path=
                              rng=torch.get_rng_state()), ckpt_path)
     bar.close()
     model.eval()
-    return (steps - start) / max(time.perf_counter() - t0, 1e-9)
+    return (steps - start) / max(time.perf_counter() - t0, 1e-9), value
 
 # ----------------------------------------------------------------------------- evaluation
 
@@ -463,12 +505,13 @@ def train(model, args, tasks, steps, lr, desc, seed=None, batch=None, ckpt_path=
 @torch.no_grad()
 def evaluate(model, args, tasks, n=None):
     """Exact-match accuracy per task (every answer token the arg-max under teacher forcing),
-    against clean labels, on the in-distribution test draw and on the shifted one."""
+    against clean labels, on the in-distribution test draw ("id") and the shifted one ("shift"),
+    and on an in-distribution validation draw ("val", for tuning: the shifted split is not)."""
     n = (n or args.eval_samples) * len(tasks)
     model.eval()
     out = {}
-    for split, shifted in [("id", False), ("shift", True)]:
-        b = batch_for(args, tasks, n, "test", shifted=shifted)
+    for split, shifted in [("id", False), ("shift", True), ("val", False)]:
+        b = batch_for(args, tasks, n, "val" if split == "val" else "test", shifted=shifted)
         correct = torch.cat([((logits_for(model, i, t)[0].argmax(-1) == c) | (c == -100)).all(1)
                              for i, t, c in zip(*(b[k].split(2048) for k in ("idx", "task", "clean")))])
         acc = torch.zeros(len(tasks), device=args.device).index_add_(0, b["task"], correct.float())
@@ -538,36 +581,104 @@ def run(args):
     model = build_model(args, base_state, len(tasks))
     n_base = sum(v.numel() for v in base_state.values())
     n_train = trainable(model)
-    print(f"method {args.method}: {n_train:,} trainable parameters "
-          f"({n_train / n_base:.2%} of the base's {n_base:,})")
     name = args.method + ("-norouter" if args.method == "multihead" and args.no_router else "")
+    log(f"method {name}: {n_train:,} trainable parameters "
+        f"({n_train / n_base:.2%} of the base's {n_base:,})")
     run_dir = os.path.join(args.out, f"{args.suite}-{name}-seed{args.seed}")
     t1 = time.perf_counter()
     extra = regularizer(model, args, args.steps)
-    speed = train(model, args, tasks, args.steps, args.lr, args.method,
+    speed, loss = train(model, args, tasks, args.steps, args.lr, args.method,
                   ckpt_path=os.path.join(run_dir, "ckpt.pt"), resume=args.resume, extra=extra)
     if hasattr(extra, "remove"):
         extra.remove()
     train_time = time.perf_counter() - t1
     acc = evaluate(model, args, tasks)
     text, learned = diagnostics(model, args, tasks)
-    print(report(acc, tasks) + ("\n" + text if text else ""))
+    log(report(acc, tasks) + ("\n" + text if text else ""))
     metrics = dict(method=name, suite=args.suite, seed=args.seed, trainable=n_train,
-                   base_params=n_base, accuracy=acc, learned=learned, steps_per_s=speed, train_s=train_time,
+                   base_params=n_base, accuracy=acc, learned=learned, loss=loss, steps_per_s=speed,
+                   train_s=train_time, processes=WORLD,
                    total_s=time.perf_counter() - t0,
                    args={k: v for k, v in vars(args).items() if k not in ("resume",)})
     save_atomic(adapter_state(model, args.method), os.path.join(run_dir, "adapter.pt"))
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "metrics.json.tmp"), "w") as f:
-        json.dump(metrics, f, indent=1)
-    os.replace(os.path.join(run_dir, "metrics.json.tmp"), os.path.join(run_dir, "metrics.json"))
+    write_text(json.dumps(metrics, indent=1), os.path.join(run_dir, "metrics.json"))
     ckpt = os.path.join(run_dir, "ckpt.pt")
-    if os.path.exists(ckpt):
+    if RANK == 0 and os.path.exists(ckpt):
         os.remove(ckpt)
-    print(f"wrote {run_dir}/metrics.json and adapter.pt; {train_time:.1f}s training, "
+    log(f"wrote {run_dir}/metrics.json and adapter.pt; {train_time:.1f}s training, "
           f"{speed:.1f} steps/s, {metrics['total_s']:.1f}s in all")
     return metrics
 
 
+def run_all(argv, args):
+    """Every method on --seeds seeds, one table. On the interference suite each adapter method is
+    also paired with a LoRA of about its trainable-parameter count (rank rounded)."""
+    tasks, seeds = SUITES[args.suite], range(args.seed, args.seed + args.seeds)
+    results, t0, total = {}, time.perf_counter(), len(ALL) * args.seeds
+
+    def one(label, flags):
+        for i in seeds:
+            done = sum(len(r) for r in results.values())
+            left = f"about {(time.perf_counter() - t0) / done * (total - done):.0f}s left" if done else ""
+            log(f"\n=== [{done + 1}/{total}] {label}, seed {i}; "
+                  f"{time.perf_counter() - t0:.0f}s so far {left}")
+            results.setdefault(label, []).append(run(get_args(argv + flags + ["--seed", str(i)])))
+    for label in ALL:
+        one(label, ["--method"] + label.split())
+    pairs = {}
+    if args.suite == "interference":      # a LoRA of about the same size for every adapter method
+        lora_r = results["lora"][0]["args"]["rank"]
+        per_rank = results["lora"][0]["trainable"] / lora_r
+        for label in ALL[3:]:
+            r = max(1, round(results[label][0]["trainable"] / per_rank))
+            pairs[label] = "lora" if r == lora_r else f"lora r{r}"
+            if pairs[label] not in results:
+                total += args.seeds
+                one(pairs[label], ["--method", "lora", "--rank", str(r)])
+    table = summary_table(results, tasks, pairs)
+    path = os.path.join(args.out, f"{args.suite}-all")
+    write_text(table + "\n", path + ".md")
+    write_text(json.dumps(dict(results=results, pairs=pairs), indent=1), path + ".json")
+    log(f"\n{table}\n\n{args.seeds} seed(s); {time.perf_counter() - t0:.0f}s in all; "
+          f"wrote {path}.md and {path}.json")
+    return results
+
+
+def summary_table(results, tasks, pairs):
+    """Markdown: trainable parameters, mean +- std over seeds of each task's in-distribution
+    accuracy and their average, task B's shifted accuracy, time and speed."""
+    def ms(xs):
+        xs = torch.tensor(xs, dtype=torch.float64) * 100
+        return f"{xs.mean():.1f} ± {xs.std():.1f}" if len(xs) > 1 else f"{xs.mean():.1f}"
+    cols = ["method", "trainable", *tasks, "average"] + (["has7 shifted"] if "has7" in tasks else [])
+    cols += ["paired LoRA: average"] if pairs else []
+    cols += ["train s", "steps/s"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for label, rs in results.items():
+        ids = [r["accuracy"]["id"] for r in rs]
+        row = [label, f"{rs[0]['trainable']:,} ({rs[0]['trainable'] / rs[0]['base_params']:.1%})"]
+        row += [ms([a[t] for a in ids]) for t in tasks] + [ms([sum(a[t] for t in tasks) / len(tasks) for a in ids])]
+        if "has7" in tasks:
+            row.append(ms([r["accuracy"]["shift"]["has7"] for r in rs]))
+        if pairs:
+            p = pairs.get(label)
+            row.append(f"{p}: " + ms([sum(r["accuracy"]["id"][t] for t in tasks) / len(tasks)
+                                      for r in results[p]]) if p else "")
+        row += [f"{sum(r['train_s'] for r in rs) / len(rs):.0f}",
+                f"{sum(r['steps_per_s'] for r in rs) / len(rs):.1f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 if __name__ == "__main__":
-    run(get_args())
+    import sys
+    args = get_args()
+    if WORLD > 1:                                          # launched by torchrun
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+        if args.device.startswith("cuda"):
+            torch.cuda.set_device(args.device)
+    try:
+        run_all(sys.argv[1:], args) if args.method == "all" else run(args)
+    finally:
+        if WORLD > 1:
+            dist.destroy_process_group()

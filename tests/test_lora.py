@@ -97,6 +97,16 @@ def test_param_count_formula_and_only_adapters_train():
     assert all(p.grad is None for n, p in model.named_parameters() if ".lora_" not in n)
 
 
+def test_param_count_reproduces_the_align_lora_paper_figure_on_meta():
+    """Qwen2.5-7B's MLP (28 layers, d 3584, ffn 18944), LoRA r=8: 15,138,816 (METHODS.md)."""
+    with torch.device("meta"):
+        layers = nn.ModuleList(nn.ModuleDict(dict(
+            gate_proj=nn.Linear(3584, 18944, bias=False), up_proj=nn.Linear(3584, 18944, bias=False),
+            down_proj=nn.Linear(18944, 3584, bias=False))) for _ in range(28))
+    assert len(lora.add_lora(layers, targets=["gate_proj", "up_proj", "down_proj"], r=8)) == 84
+    assert sum(p.numel() for p in layers.parameters() if p.requires_grad) == 15_138_816
+
+
 def test_state_dict_round_trip(tmp_path):
     model = adapted(seed=0)
     randomize_B(model)

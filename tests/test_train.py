@@ -210,3 +210,23 @@ def test_short_run_learns_the_suite(out):
 def test_cuda_run(tmp_path):
     m = train.run(args_for(tmp_path, "--method lora --steps 20 --device cuda"))
     assert m["args"]["device"] == "cuda" and m["accuracy"]["id"]["inc"] >= 0
+
+
+@pytest.mark.parametrize("suite", ["default", "interference"])
+def test_method_all_writes_one_table(out, suite, capsys):
+    argv = f"{TINY} --out {out} --method all --seeds 2 --steps 2 --batch 20 --eval-samples 20 --suite {suite}".split()
+    results = train.run_all(argv, train.get_args(argv))
+    assert list(results)[:len(train.ALL)] == train.ALL and all(len(r) == 2 for r in results.values())
+    assert [r["seed"] for r in results["mtl"]] == [0, 1]
+    table = open(os.path.join(out, f"{suite}-all.md")).read()
+    saved = json.load(open(os.path.join(out, f"{suite}-all.json")))
+    for label in results:
+        assert f"| {label} |" in table
+    if suite == "interference":                      # every adapter method has a LoRA of its size
+        assert set(saved["pairs"]) == set(train.ALL[3:]) and "paired LoRA" in table
+        for label, paired in saved["pairs"].items():
+            n, m = results[label][0]["trainable"], results[paired][0]["trainable"]
+            assert abs(n - m) <= results["lora"][0]["trainable"] / 8 / 2 + 1   # within half a rank
+    else:
+        assert "has7 shifted" in table and "±" in table
+    assert "[16/16]" in capsys.readouterr().out
