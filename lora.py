@@ -139,7 +139,15 @@ def add_lora(model: nn.Module, targets=("q", "k", "v", "o", "up", "down"),
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, LoRALinear(getattr(parent, child), r, alpha, dropout))
+        if isinstance(parent, nn.TransformerEncoderLayer):
+            # its inference fast path reads linear1.weight itself and would skip the adapter;
+            # any hook on a sub-module turns that path off
+            getattr(parent, child).register_forward_pre_hook(_keep_off_fast_path)
     return names
+
+
+def _keep_off_fast_path(module, args):
+    return None
 
 
 def lora_layers(model: nn.Module):

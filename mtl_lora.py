@@ -200,7 +200,15 @@ def add_mtl_lora(model: nn.Module, n_tasks: int, targets=("q", "k", "v", "o", "u
         parent = model.get_submodule(parent_name)
         setattr(parent, child, MTLLoRALinear(getattr(parent, child), n_tasks, r, n_up, alpha, tau,
                                              dropout, diagonal))
+        if isinstance(parent, nn.TransformerEncoderLayer):
+            # its inference fast path reads linear1.weight itself and would skip the adapter;
+            # any hook on a sub-module turns that path off
+            getattr(parent, child).register_forward_pre_hook(_keep_off_fast_path)
     return names
+
+
+def _keep_off_fast_path(module, args):
+    return None
 
 
 def mtl_layers(model: nn.Module):

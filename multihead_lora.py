@@ -177,7 +177,15 @@ def add_multihead_lora(model: nn.Module, targets=("q", "k", "v", "o", "up", "dow
         parent = model.get_submodule(parent_name)
         setattr(parent, child, MultiHeadLoRALinear(getattr(parent, child), r, n_heads, alpha,
                                                    dropout, router))
+        if isinstance(parent, nn.TransformerEncoderLayer):
+            # its inference fast path reads linear1.weight itself and would skip the adapter;
+            # any hook on a sub-module turns that path off
+            getattr(parent, child).register_forward_pre_hook(_keep_off_fast_path)
     return names
+
+
+def _keep_off_fast_path(module, args):
+    return None
 
 
 def multihead_layers(model: nn.Module):

@@ -270,3 +270,34 @@ def test_flattened_and_many_dim_outputs_read_as_tokens():
     ref = loss_of([z], ids, mask)
     torch.testing.assert_close(loss_of([z.reshape(24, 3)], ids, mask), ref)   # (B*L, r)
     torch.testing.assert_close(loss_of([z.reshape(6, 2, 2, 3)], ids, mask), ref)   # (B, 2, 2, r)
+
+
+@pytest.mark.parametrize("adapter", ["lora", "hydra", "mlora", "mtl"])
+@pytest.mark.parametrize("kind", align_lora.KINDS)
+def test_works_with_every_adapter_file(adapter, kind):
+    """The loss finds lora_A in each adapter file's layers; its gradient reaches every A."""
+    import mtl_lora
+    import multihead_lora as mh
+    torch.manual_seed(0)
+    model = Tiny()
+    add = {"lora": lambda: lora.add_lora(model, ["q", "up", "down"], r=4),
+           "hydra": lambda: mh.add_multihead_lora(model, ["q", "up", "down"], r=4, router=True),
+           "mlora": lambda: mh.add_multihead_lora(model, ["q", "up", "down"], r=4, router=False),
+           "mtl": lambda: mtl_lora.add_mtl_lora(model, 3, ["q", "up", "down"], r=4)}[adapter]
+    add()
+    x, ids = torch.randn(6, 7, 12), torch.arange(6) % 3
+    x[ids == 1] += 2.0                                       # tasks see different inputs
+    mask = torch.ones(6, 7, dtype=torch.bool)
+    mask[:, 5:] = False
+    with align_lora.AlignmentLoss(model, kind=kind) as align:
+        assert len(align.names) == 6
+        if adapter == "mtl":
+            with mtl_lora.task_ids(model, ids):
+                model(x)
+        else:
+            model(x)
+        loss = align(ids, mask)
+    assert loss > 0
+    loss.backward()
+    A = [m.lora_A.weight for m in model.modules() if hasattr(m, "lora_A")]
+    assert len(A) == 6 and all(a.grad is not None and a.grad.abs().sum() > 0 for a in A)

@@ -1,6 +1,8 @@
 import json
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -230,3 +232,22 @@ def test_method_all_writes_one_table(out, suite, capsys):
     else:
         assert "has7 shifted" in table and "±" in table
     assert "[16/16]" in capsys.readouterr().out
+
+
+def test_torchrun_two_processes_match_one(out):
+    """torchrun on CPU (gloo): 2 processes, each half of the same global batch, one writer."""
+    flags = f"{TINY} --out {out} --method lora --steps 40 --eval-samples 100".split()
+    one = train.run(train.get_args(flags))                   # also makes sure the base is cached
+    os.remove(os.path.join(out, "default-lora-seed0", "metrics.json"))
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    launch = [torchrun] if os.path.exists(torchrun) else [sys.executable, "-m", "torch.distributed.run"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run(launch + ["--standalone", "--nproc_per_node=2", "train.py"] + flags, cwd=root,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("wrote ") == 1 and res.stdout.count("trainable parameters") == 1
+    two = json.load(open(os.path.join(out, "default-lora-seed0", "metrics.json")))
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert abs(two["loss"] - one["loss"]) < 0.25 * one["loss"], (one["loss"], two["loss"])
+    assert abs(two["accuracy"]["id"]["inc"] - one["accuracy"]["id"]["inc"]) < 0.2

@@ -1,0 +1,85 @@
+"""Each adapter file on a model it was not written for: a stock nn.TransformerEncoder."""
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import lora
+import mtl_lora
+import multihead_lora as mh
+
+T = 3   # tasks, for MTL-LoRA
+
+
+def encoder(seed=0):
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0,
+                                       batch_first=True)
+    return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+
+
+ADAPT = {   # name -> (adapt the model, merge, unmerge)
+    "lora": (lambda m, t: lora.add_lora(m, t, r=4), lora.merge_lora, lora.unmerge_lora),
+    "mlora": (lambda m, t: mh.add_multihead_lora(m, t, r=4, router=False),
+              mh.merge_multihead_lora, mh.unmerge_multihead_lora),
+    "hydra": (lambda m, t: mh.add_multihead_lora(m, t, r=4, router=True), None, None),
+    "mtl": (lambda m, t: mtl_lora.add_mtl_lora(m, T, t, r=4, n_up=2, tau=0.5),
+            lambda m: mtl_lora.merge_mtl_lora(m, 1), mtl_lora.unmerge_mtl_lora),
+}
+
+
+def call(model, x, ids):
+    if any(isinstance(m, mtl_lora.MTLLoRALinear) for m in model.modules()):
+        with mtl_lora.task_ids(model, ids):
+            return model(x)
+    return model(x)
+
+
+@pytest.mark.parametrize("method", ADAPT)
+def test_adapt_train_and_merge_a_stock_transformer_encoder(method):
+    add, merge, unmerge = ADAPT[method]
+    model = encoder()
+    base = copy.deepcopy(model).eval()
+    names = add(model, ["linear1", "linear2"])
+    assert names == [f"layers.{i}.{n}" for i in range(2) for n in ("linear1", "linear2")]
+    x, ids = torch.randn(6, 5, 16), torch.arange(6) % T
+    target = torch.randn(6, 5, 16)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    model.train()
+    for _ in range(30):
+        loss = (call(model, x, ids) - target).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+    frozen = {n.replace(".base.", "."): p for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen.keys() == dict(base.named_parameters()).keys()       # every base weight, frozen
+    assert all(torch.equal(p, frozen[n]) for n, p in base.named_parameters())
+    model.eval()
+    with torch.no_grad():          # the encoder's inference fast path must not bypass the adapters
+        got = call(model, x, ids)
+        assert not torch.allclose(got, base(x), atol=1e-4)
+    with torch.enable_grad():
+        torch.testing.assert_close(got, call(model, x, ids).detach())
+    if merge is None:              # routed heads depend on the input: no merged form
+        with pytest.raises(ValueError, match="cannot be merged"):
+            mh.merge_multihead_lora(model)
+        return
+    if method == "mtl":            # merged for task 1 serves task 1's samples
+        x, ids = x[ids == 1], ids[ids == 1]
+        got = call(model, x, ids)
+    with torch.no_grad():
+        merge(model)
+        torch.testing.assert_close(model(x), got, atol=1e-5, rtol=1e-5)   # no ids needed now
+        unmerge(model)
+        torch.testing.assert_close(call(model, x, ids), got, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ADAPT)
+def test_attention_out_proj_is_refused(method):
+    """nn.MultiheadAttention reads out_proj.weight itself: an adapter there would do nothing."""
+    with pytest.raises(ValueError, match="MultiheadAttention"):
+        ADAPT[method][0](encoder(), ["self_attn.out_proj"])
