@@ -36,9 +36,9 @@ Our choice: gate logits start at 0 (g = 0.5 for all): every task reads every mod
 Our choice: decorrelation standardizes each feature over the batch's unmasked tokens (all tasks
   together, biased variance, eps 1e-5) and forms one (d x d) correlation matrix; only its
   off-diagonal K x K blocks are penalized. K = 1 has no module pairs and gives 0.
-Our choice: "irm" is the default, since METHODS.md's probe showed an IRMv1-style penalty removing
-  the benchmark's shortcut; "var" (gradient variance across environments, in the spirit of
-  V-REx's risk variance) is zero whenever all environments agree, not only at a stationary point.
+Our choice: "irm" is the default (on our benchmark an IRMv1-style penalty removed the shortcut);
+  "var" (the variance of the risk gradients across environments, in the spirit of V-REx's risk
+  variance) is zero whenever all environments agree, not only at a stationary point.
 Our choice: the mean over e counts only environments where task t has samples; a task seen in
   fewer than two environments adds 0 to "var". The penalty is summed over tasks.
 Our choice: warm-up: invariance weight 0 for the first 30% of steps, full weight after (IRM

@@ -1,6 +1,8 @@
 """Train and compare multi-task LoRA methods on a tiny multi-task benchmark.
 
-    python train.py --method lora            # pre-trains (once) and caches the base, then adapts it
+    python train.py --method align           # pre-trains (once) and caches the base, then adapts it
+    python train.py --method all --seeds 3   # every method, one table (also --suite interference)
+    torchrun --standalone --nproc_per_node=2 train.py --method lora   # data parallel (gloo / nccl)
 
 Sections, top to bottom: command line; the tiny multi-task data; the small transformer;
 building a model for a method; training; evaluation; main. Runs on CUDA (bf16 autocast) when
@@ -70,7 +72,8 @@ def get_args(argv=None):
     a("--modules", type=int, default=4, help="spurious: MT-CRL modules K (chunks of the final state)")
     a("--decorr-weight", type=float, default=0.01, help="spurious: weight of the decorrelation loss")
     a("--sparsity-weight", type=float, default=0.01, help="spurious: weight of the graph's L1")
-    a("--invariance-weight", type=float, default=10.0, help="spurious: weight of the invariance penalty")
+    a("--invariance-weight", type=float, default=30.0,
+      help="spurious: weight of the invariance penalty (chosen on the val draw: benchmarks/tune_spurious.py)")
     a("--invariance", default="irm", help="spurious: irm (IRMv1) | var (gradient variance)")
     a("--invariance-warmup", type=float, default=0.3, help="spurious: fraction of steps before it starts")
     # model and pre-training of the base

@@ -5,13 +5,12 @@
 
 A step is forward + backward + AdamW on one fixed mixed-task batch, built and run exactly as
 train.py does (its build_model, logits_for and regularizer, each method's default flags, all at
-the same --rank; spurious is timed after its invariance warm-up). hydra = multihead,
-mlora = multihead --no-router. Methods are timed in interleaved rounds (every round times each
-method once for --steps steps) so drift in the machine's speed hits all of them alike; the
-figure is the median over rounds, and the ratio is to lora's.
+the same --rank; spurious is timed after its invariance warm-up). hydra = multihead, mlora =
+multihead --no-router, align-mmd = align --align-loss mmd. Methods are timed in interleaved
+rounds (every round times each method once for --steps steps) so drift in the machine's speed
+hits all of them alike; the figure is the median over rounds, and the ratio is to lora's.
 """
 import argparse
-import copy
 import os
 import statistics
 import sys
@@ -24,7 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 
 TARGETS = ["q", "k", "v", "o", "up", "down"]
-FLAGS = {"hydra": ["--method", "multihead"], "mlora": ["--method", "multihead", "--no-router"]}
+FLAGS = {"hydra": ["--method", "multihead"], "mlora": ["--method", "multihead", "--no-router"],
+         "align-mmd": ["--method", "align", "--align-loss", "mmd"]}
 
 
 def build(method, base, width, args):
@@ -89,7 +89,7 @@ def main():
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--steps", type=int, default=10, help="steps per round and method")
-    p.add_argument("--methods", default="full,lora,hydra,mlora,mtl,align,spurious",
+    p.add_argument("--methods", default="full,lora,hydra,mlora,mtl,align,align-mmd,spurious",
                    help="comma-separated; peft = HF peft's LoRA (pip install peft)")
     args = p.parse_args()
     methods = args.methods.split(",")
