@@ -43,7 +43,6 @@ def log(*a, **kw):
 METHODS = ["none", "full", "lora", "multihead", "mtl", "align", "spurious", "all"]
 ALL = ["none", "full", "lora", "multihead", "multihead --no-router", "mtl", "align", "spurious"]
 DEFAULT_LR = {"full": 1e-3}       # every other method: 3e-3
-DEFAULT_DROPOUT = {"multihead": 0.05}   # M-LoRA's heads only differ through their dropout masks
 
 
 def get_args(argv=None):
@@ -59,7 +58,7 @@ def get_args(argv=None):
     a("--clip", type=float, default=1.0, help="gradient-norm clipping")
     a("--rank", type=int, default=8, help="adapter rank r (multihead: of each head)")
     a("--alpha", type=float, default=None, help="adapter scaling numerator: s = alpha / r (default 2r)")
-    a("--dropout", type=float, default=None, help="adapter dropout (default 0; multihead: 0.05)")
+    a("--dropout", type=float, default=None, help="adapter dropout (default 0; multihead --no-router: 0.05)")
     a("--targets", default="q,k,v,o,up,down", help="comma-separated linear-layer names to adapt")
     # method-specific (see each method file's docstring)
     a("--heads", type=int, default=3, help="multihead: number of B heads N")
@@ -116,7 +115,8 @@ def get_args(argv=None):
     if len(args.rho) != 2:
         bad("--rho takes exactly two training environments, e.g. 0.8,0.95")
     args.alpha = 2.0 * args.rank if args.alpha is None else args.alpha
-    args.dropout = DEFAULT_DROPOUT.get(args.method, 0.0) if args.dropout is None else args.dropout
+    if args.dropout is None:   # M-LoRA's heads start equal and differ only through dropout
+        args.dropout = 0.05 if args.method == "multihead" and args.no_router else 0.0
     for name in ["steps", "batch", "base_batch", "rank", "width", "layers", "attn_heads", "seq_len",
                  "eval_samples", "heads", "n_up", "modules", "seeds"]:
         if getattr(args, name) < 1:
