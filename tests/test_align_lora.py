@@ -6,6 +6,7 @@ import torch.nn as nn
 
 import align_lora
 import lora
+from tiny import Tiny
 
 
 class Probe(nn.Module):
@@ -18,19 +19,6 @@ class Probe(nn.Module):
 
     def forward(self, *zs):
         return [layer["lora_A"](z) for layer, z in zip(self.layers, zs)]
-
-
-class Tiny(nn.Module):
-    def __init__(self, d=12):
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.ModuleDict(dict(q=nn.Linear(d, d), up=nn.Linear(d, 2 * d),
-                                                       down=nn.Linear(2 * d, d))) for _ in range(2))
-        self.head = nn.Linear(d, 5)
-
-    def forward(self, x):
-        for b in self.blocks:
-            x = x + b["down"](torch.relu(b["up"](b["q"](x))))
-        return self.head(x)
 
 
 def loss_of(zs, ids, mask=None, **kw):
