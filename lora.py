@@ -10,8 +10,8 @@ and B starts at zero, so at step 0 the adapted model computes exactly what the b
 
 What alpha means: the update is scaled by s = alpha / r. With Adam the size of each step in
 B A scales with s, so alpha plays the role of a learning-rate multiplier for the adapter that
-stays put when you change r (alpha = 2r, i.e. s = 2, is our default; the paper used alpha = r
-or a fixed alpha and did not tune it). rsLoRA's alpha / sqrt(r) is a known variant, not used.
+stays put when you change r (train.py uses alpha = 2r, i.e. s = 2; this file's default is the
+common r=8, alpha=16; the paper used alpha = r or a fixed alpha and did not tune it). rsLoRA's alpha / sqrt(r) is a known variant, not used.
 
 Layout (HF peft's): `lora_A` is nn.Linear(d_in, r), `lora_B` is nn.Linear(r, d_out), both
 bias-free, so their weights are r x d_in and d_out x r. The wrapped layer lives in `.base`.
@@ -20,8 +20,10 @@ Merging: W = W0 + s * B A folds the update into the frozen weight (zero inferenc
 `unmerge()` subtracts it again. The product is formed in fp32 and cast once, so a bf16 base
 weight loses no more than one rounding. Merging an already merged layer is a no-op.
 
-Dtypes: the input is cast to the adapter's dtype and the update back to the output's, so fp32
-adapters on a bf16 model (or under autocast) just work.
+Dtypes: the adapters are created in the base weight's dtype. The input is cast to the adapter's
+dtype and the update back to the output's, so autocast works, and so do fp32 adapters on a bf16
+model: after add_lora, call `.float()` on each layer's lora_A and lora_B (recommended for bf16
+training: a bf16 adapter loses small updates to rounding).
 
 Usage on any model built of nn.Linear layers (no edits to its code):
 
@@ -41,6 +43,8 @@ class LoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16.0, dropout: float = 0.0):
         super().__init__()
         _check_hparams(r, alpha, dropout)
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"LoRALinear wraps an nn.Linear, got a {type(base).__name__}")
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)

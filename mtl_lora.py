@@ -50,6 +50,8 @@ class MTLLoRALinear(nn.Module):
                  tau: float = 0.1, dropout: float = 0.0, diagonal: bool = False):
         super().__init__()
         _check_hparams(n_tasks, r, n_up, alpha, tau, dropout)
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"MTLLoRALinear wraps an nn.Linear, got a {type(base).__name__}")
         self.base = base
         for p in base.parameters():
             p.requires_grad_(False)

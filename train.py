@@ -117,7 +117,8 @@ def get_args(argv=None):
     args.alpha = 2.0 * args.rank if args.alpha is None else args.alpha
     if args.dropout is None:   # M-LoRA's heads start equal and differ only through dropout
         args.dropout = 0.05 if args.method == "multihead" and args.no_router else 0.0
-    for name in ["steps", "batch", "base_batch", "rank", "width", "layers", "attn_heads", "seq_len",
+    for name in ["steps", "batch", "base_batch", "base_steps", "rank", "width", "layers", "attn_heads",
+                 "seq_len",
                  "eval_samples", "heads", "n_up", "modules", "seeds"]:
         if getattr(args, name) < 1:
             bad(f"--{name.replace('_', '-')} must be >= 1")
@@ -137,13 +138,19 @@ def get_args(argv=None):
         bad("--invariance-warmup is a fraction of the steps, in [0, 1]")
     if args.lr is None:
         args.lr = DEFAULT_LR.get(args.method, 3e-3)
-    for name in ["lr", "base_lr", "alpha", "temperature"]:
-        if not getattr(args, name) > 0:
-            bad(f"--{name.replace('_', '-')} must be > 0")
-    for name in ["align_weight", "decorr_weight", "sparsity_weight", "invariance_weight"]:
-        if not getattr(args, name) >= 0:
-            bad(f"--{name.replace('_', '-')} must be >= 0")
+    for name in ["lr", "base_lr", "alpha", "temperature", "clip"]:
+        if not 0 < getattr(args, name) < math.inf:
+            bad(f"--{name.replace('_', '-')} must be a number > 0")
+    for name in ["align_weight", "decorr_weight", "sparsity_weight", "invariance_weight",
+                 "weight_decay", "warmup", "ckpt_every"]:
+        if not 0 <= getattr(args, name) < math.inf:
+            bad(f"--{name.replace('_', '-')} must be a number >= 0")
+    if args.batch // WORLD < len(SUITES[args.suite]):
+        bad(f"--batch {args.batch} is too small: every process needs at least one sample of each "
+            f"of the {len(SUITES[args.suite])} tasks per step")
     args.targets = [t for t in args.targets.split(",") if t]
+    if args.device not in ("auto", "cpu", "cuda"):
+        bad(f"--device must be auto, cpu or cuda; got {args.device!r}")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -209,19 +216,20 @@ def make_batch(tasks, n, seed, L=8, rho=(0.8, 0.95), rho_shift=0.1, noise=0.25,
         rows, pos = torch.arange(n, device=device), digit(1, L, n)
         xb[rows, pos] = torch.where(y, 7, xb[rows, pos])              # one 7 when y
         y_noisy = y ^ (rand(n) < noise)
-        rho_e = torch.tensor([*rho, rho_shift], device=device)[env]    # (n,)
+        rho_e = torch.where(env == 0, rho[0], torch.where(env == 1, rho[1], rho_shift))   # (n,)
         a = y_noisy ^ (rand(n) >= rho_e)                              # A's feature agrees w.p. rho
-        high = torch.tensor([5, 6, 8, 9], device=device)[digit(0, 4, n)]
+        high = digit(0, 4, n)
+        high = high + 5 + (high >= 2).long()                          # 5, 6, 8 or 9 (no 7)
         xb[:, 0] = torch.where(a, high, digit(0, 5, n))
         is_b = (task == tasks.index("has7"))[:, None]
         x = torch.where(is_b, xb, x)
-    ans = torch.full((n, L), PAD, device=device)
+    ans, task_tok = torch.full((n, L), PAD, device=device), torch.zeros_like(task)
     for i, t in enumerate(tasks):                                     # a few tasks, all vectorized
         out = ANSWER[t](x)
         if t in CLASSIFY:
             out = torch.cat([out[:, None], ans[:, 1:]], 1)
         ans = torch.where((task == i)[:, None], out, ans)
-    task_tok = torch.tensor([12 + TASKS.index(t) for t in tasks], device=device)[task]
+        task_tok = torch.where(task == i, 12 + TASKS.index(t), task_tok)
     sep = torch.full((n, 1), SEP, device=device)
     seq = torch.cat([task_tok[:, None], x, sep, ans], 1)              # (n, 2L+2)
     clean = seq[:, 1:].clone()
@@ -426,6 +434,15 @@ def save_atomic(obj, path, save=torch.save):
     os.replace(path + ".tmp", path)
 
 
+def finite(obj):
+    """obj with every NaN / inf float replaced by None (strict JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
+
+
 def write_text(text, path):
     save_atomic(text, path, lambda t, p: Path(p).write_text(t))
 
@@ -449,7 +466,10 @@ def train(model, args, tasks, steps, lr, desc, seed=None, batch=None, ckpt_path=
         return 0.0, float("nan")
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
     start = 0
-    settings = {k: v for k, v in vars(args).items() if k not in ("resume", "ckpt_every", "compile")}
+    settings = {k: v for k, v in vars(args).items()
+                if k not in ("resume", "ckpt_every", "compile", "device")}
+    if WORLD > 1:
+        torch.manual_seed(seed + 1_000_003 * RANK)                    # own dropout masks
     if resume and ckpt_path and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, map_location=args.device, weights_only=False)
         if ck["settings"] != settings:
@@ -457,13 +477,14 @@ def train(model, args, tasks, steps, lr, desc, seed=None, batch=None, ckpt_path=
                              "rerun without --resume to start over")
         model.load_state_dict(ck["trainable"], strict=False)
         opt.load_state_dict(ck["opt"])
-        torch.set_rng_state(ck["rng"])
+        torch.set_rng_state(ck["rng"].cpu())
+        if ck.get("cuda_rng") is not None and args.device.startswith("cuda"):
+            torch.cuda.set_rng_state(ck["cuda_rng"].cpu())
         start = ck["step"]
         log(f"resumed {desc} from step {start} ({ckpt_path})")
     fwd = Forward(model)
     if WORLD > 1:
         fwd = nn.parallel.DistributedDataParallel(fwd)
-        torch.manual_seed(seed + 1_000_003 * RANK)                    # own dropout masks
     fwd = torch.compile(fwd) if args.compile else fwd
     autocast = torch.autocast("cuda", torch.bfloat16, enabled=args.device.startswith("cuda"))
     model.train()
@@ -473,7 +494,7 @@ def train(model, args, tasks, steps, lr, desc, seed=None, batch=None, ckpt_path=
     for step in bar:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, args.warmup, lr)
-        b = make_batch(tasks, batch // WORLD, data_seed("train", seed, step) * WORLD + RANK,
+        b = make_batch(tasks, batch // WORLD, data_seed("train", seed, step) + (RANK << 50),
                        args.seq_len, args.rho, args.rho_shift, args.noise, device=args.device)
         with autocast:
             logits, h = fwd(b["idx"], b["task"])
@@ -484,20 +505,22 @@ def train(model, args, tasks, steps, lr, desc, seed=None, batch=None, ckpt_path=
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, args.clip)
         opt.step()
-        if step == 0 or (step + 1) % 25 == 0 or step == steps - 1:   # syncs a GPU: not every step;
-            # checked before any checkpoint (every --ckpt-every, a multiple of 25 by default) is written
-            value = loss.detach()
+        ckpt_now = ckpt_path and args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < steps
+        if step == 0 or (step + 1) % 25 == 0 or step == steps - 1 or ckpt_now:   # syncs a GPU: not
+            value = loss.detach()                                     # every step; before every checkpoint
             if WORLD > 1:
-                dist.all_reduce(value, dist.ReduceOp.AVG)                 # the global batch's loss
+                dist.all_reduce(value)                                # the global batch's loss
+                value = value / WORLD
             value = value.item()
             if not math.isfinite(value):
-                raise SystemExit(f"error: loss became {value} at step {step} of {desc}; "
-                                 "try a lower --lr or a larger --warmup")
+                raise SystemExit(f"error: loss became {value} by step {step} of {desc} (checked "
+                                 "every 25 steps); try a lower --lr or a larger --warmup")
             bar.set_postfix(loss=f"{value:.4f}")
-        if ckpt_path and args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < steps:
+        if ckpt_now:
             trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
             save_atomic(dict(step=step + 1, settings=settings, trainable=trained, opt=opt.state_dict(),
-                             rng=torch.get_rng_state()), ckpt_path)
+                             rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state()
+                             if args.device.startswith("cuda") else None), ckpt_path)
     bar.close()
     model.eval()
     return (steps - start) / max(time.perf_counter() - t0, 1e-9), value
@@ -514,6 +537,9 @@ def evaluate(model, args, tasks, n=None):
     model.eval()
     out = {}
     for split, shifted in [("id", False), ("shift", True), ("val", False)]:
+        if shifted and "has7" not in tasks:                           # only has7's data shifts
+            out[split] = out["id"]
+            continue
         b = batch_for(args, tasks, n, "val" if split == "val" else "test", shifted=shifted)
         correct = torch.cat([((logits_for(model, i, t)[0].argmax(-1) == c) | (c == -100)).all(1)
                              for i, t, c in zip(*(b[k].split(2048) for k in ("idx", "task", "clean")))])
@@ -585,6 +611,7 @@ def run(args):
     n_base = sum(v.numel() for v in base_state.values())
     n_train = trainable(model)
     name = args.method + ("-norouter" if args.method == "multihead" and args.no_router else "")
+    name += f"-r{args.rank}" if args.rank != 8 and args.method not in ("none", "full") else ""
     log(f"method {name}: {n_train:,} trainable parameters "
         f"({n_train / n_base:.2%} of the base's {n_base:,})")
     run_dir = os.path.join(args.out, f"{args.suite}-{name}-seed{args.seed}")
@@ -604,7 +631,7 @@ def run(args):
                    total_s=time.perf_counter() - t0,
                    args={k: v for k, v in vars(args).items() if k not in ("resume",)})
     save_atomic(adapter_state(model, args.method), os.path.join(run_dir, "adapter.pt"))
-    write_text(json.dumps(metrics, indent=1), os.path.join(run_dir, "metrics.json"))
+    write_text(json.dumps(finite(metrics), indent=1), os.path.join(run_dir, "metrics.json"))
     ckpt = os.path.join(run_dir, "ckpt.pt")
     if RANK == 0 and os.path.exists(ckpt):
         os.remove(ckpt)
@@ -621,10 +648,12 @@ def run_all(argv, args):
 
     def one(label, flags):
         for i in seeds:
-            done = sum(len(r) for r in results.values())
-            left = f"about {(time.perf_counter() - t0) / done * (total - done):.0f}s left" if done else ""
-            log(f"\n=== [{done + 1}/{total}] {label}, seed {i}; "
-                  f"{time.perf_counter() - t0:.0f}s so far {left}")
+            done = [r for rs in results.values() for r in rs]
+            trained = [r["total_s"] for r in done if r["trainable"]]   # "none" runs take no time
+            todo = total - len(done) - (args.seeds - len(results.get("none", [])))
+            left = f", about {sum(trained) / len(trained) * todo:.0f}s left" if trained else ""
+            log(f"\n=== [{len(done) + 1}/{total}] {label}, seed {i}; "
+                f"{time.perf_counter() - t0:.0f}s so far{left}")
             results.setdefault(label, []).append(run(get_args(argv + flags + ["--seed", str(i)])))
     for label in ALL:
         one(label, ["--method"] + label.split())
@@ -641,7 +670,7 @@ def run_all(argv, args):
     table = summary_table(results, tasks, pairs)
     path = os.path.join(args.out, f"{args.suite}-all")
     write_text(table + "\n", path + ".md")
-    write_text(json.dumps(dict(results=results, pairs=pairs), indent=1), path + ".json")
+    write_text(json.dumps(finite(dict(results=results, pairs=pairs)), indent=1), path + ".json")
     log(f"\n{table}\n\n{args.seeds} seed(s); {time.perf_counter() - t0:.0f}s in all; "
           f"wrote {path}.md and {path}.json")
     return results

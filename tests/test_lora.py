@@ -149,3 +149,9 @@ def test_dropout_only_in_training_and_dtype_under_autocast():
     assert not torch.equal(model(x), model(x))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert model(x).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("module", [nn.Conv1d(4, 4, 1), nn.Embedding(5, 4)])
+def test_layer_wraps_only_linear(module):
+    with pytest.raises(ValueError, match="wraps an nn.Linear"):
+        lora.LoRALinear(module)
