@@ -71,7 +71,7 @@ def get_args(argv=None):
     a("--modules", type=int, default=4, help="spurious: MT-CRL modules K (chunks of the final state)")
     a("--decorr-weight", type=float, default=0.01, help="spurious: weight of the decorrelation loss")
     a("--sparsity-weight", type=float, default=0.01, help="spurious: weight of the graph's L1")
-    a("--invariance-weight", type=float, default=30.0,
+    a("--invariance-weight", type=float, default=10.0,
       help="spurious: weight of the invariance penalty (chosen on the val draw: benchmarks/tune_spurious.py)")
     a("--invariance", default="irm", choices=["irm", "var"],
       help="spurious: IRMv1 or the variance of the risk gradients")
