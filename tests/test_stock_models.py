@@ -16,7 +16,7 @@ def encoder(seed=0):
     torch.manual_seed(seed)
     layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0,
                                        batch_first=True)
-    return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
+    return nn.TransformerEncoder(layer, num_layers=2)        # enable_nested_tensor=True, the default
 
 
 ADAPT = {   # name -> (adapt the model, merge, unmerge)
@@ -83,3 +83,30 @@ def test_attention_out_proj_is_refused(method):
     """nn.MultiheadAttention reads out_proj.weight itself: an adapter there would do nothing."""
     with pytest.raises(ValueError, match="MultiheadAttention"):
         ADAPT[method][0](encoder(), ["self_attn.out_proj"])
+
+
+@pytest.mark.parametrize("method", ADAPT)
+def test_eval_with_a_padding_mask_uses_the_adapters(method):
+    """In eval, with a src_key_padding_mask, the encoder's nested-tensor path reads linear1.weight
+    before any hook runs; adapted, it must take the slow path, use the adapters, and give each
+    sample's real tokens what the sample alone (no padding, no mask) gives."""
+    model = encoder()
+    ADAPT[method][0](model, ["linear1", "linear2"])
+    for m in model.modules():
+        if hasattr(m, "lora_B"):
+            (m.lora_B.weight if isinstance(m.lora_B, nn.Linear) else m.lora_B).data.normal_()
+    model.eval()
+    base = encoder().eval()
+    x, ids = torch.randn(3, 5, 16), torch.tensor([0, 2, 1])
+    lengths = [5, 3, 2]
+    pad = torch.arange(5)[None] >= torch.tensor(lengths)[:, None]          # (3, 5) True = padding
+    with torch.no_grad():
+        if method == "mtl":
+            with mtl_lora.task_ids(model, ids):
+                out = model(x, src_key_padding_mask=pad)
+        else:
+            out = model(x, src_key_padding_mask=pad)
+        for b, n in enumerate(lengths):
+            alone = call(model, x[b:b + 1, :n], ids[b:b + 1])
+            torch.testing.assert_close(out[b, :n], alone[0], atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(out[0], base(x[:1])[0], atol=1e-3)      # the adapters act
