@@ -6,29 +6,15 @@ A frozen linear layer W0 (d_out x d_in) gets a low-rank update that depends on e
 
 A (r x d_in) is shared by all tasks; Lam_t (r x r) transforms the low-rank code A x per task;
 n shared up-projections B_i (d_out x r) are mixed per task by p_t, a softmax over n logits w_t
-sharpened by the temperature tau. A, Lam, B and w train; everything else is frozen. Per layer:
-r*d_in + T*r*r + n*r*d_out + T*n parameters (diagonal Lam: T*r instead of T*r*r).
-Init (authors' code): A and w kaiming_uniform(a=sqrt(5)), Lam_t identity (diagonal: ones),
-B_i = 0, so the adapted model equals the base at step 0. Defaults r=8, alpha=16, n=3, tau=0.1
-are the authors' commonsense setting on LLaMA-2-7B (q,k,v,o, dropout 0.05); image-text used
-r=64, n=2, tau=0.8.
-
-Task ids: one per sample, a LongTensor (B,); a batch may mix tasks. The batch is dim 0 of every
-adapted layer's input x (B, ..., d_in), so batch-second models (e.g. nn.TransformerEncoder
-without batch_first=True) must be built with batch_first=True. `with task_ids(model, ids):
-out = model(x)` hands the ids to every layer; the host model's forward signature is unchanged.
-
-Merging is exact per task: W_t = W0 + s * (sum_i p_{t,i} B_i) Lam_t A (fp32 product, cast once)
-serves task t at nn.Linear cost; a layer merged for t refuses ids of other tasks. Dtypes: the
-input is cast to the adapter's dtype and the update back to the output's (as in lora.py).
-
-Our choice: ids reach the layers through a context manager that checks them once (dtype, shape,
-  range: one host sync per batch), instead of an extra forward argument as in the authors' code.
-Our choice: dropout defaults to 0 like lora.py (the authors used 0.05; pass dropout=0.05).
-Our choice: tau must be > 0 (the authors' code defaults to 0, a division by zero).
-Our choice: no extra bias (the authors add a random frozen bias to bias-free layers, a bug).
-Our choice: the mixing softmax is taken in fp32 whatever the parameters' dtype.
-Our choice: nested task_ids contexts restore the outer ids on exit.
+sharpened by the temperature tau. What trains: A, Lam, B, w: r*d_in + T*r*r + n*r*d_out + T*n
+parameters per layer (diagonal Lam: T*r instead of T*r*r). Init (authors' code): A, w ~
+kaiming_uniform(a=sqrt(5)), Lam_t = identity (diagonal: ones), B_i = 0: step 0 equals the base.
+Defaults r=8, alpha=16, n=3, tau=0.1: the authors' commonsense script (LLaMA-2-7B, q,k,v,o,
+dropout 0.05). Their other tau values: class default 0.0 (a bug: we require tau > 0), argparse
+default 1.0, image-text script 0.8 (with r=64, n=2).
+Merging is exact per task: W_t = W0 + s (sum_i p_{t,i} B_i) Lam_t A serves task t at nn.Linear
+cost. Task ids: one per sample, an integer tensor (B,), a batch may mix tasks; the batch is dim 0
+of every adapted layer's input x (B, ..., d_in).
 
 Usage on any model built of nn.Linear layers (no edits to its code):
 
@@ -37,6 +23,25 @@ Usage on any model built of nn.Linear layers (no edits to its code):
     mtl_lora.add_mtl_lora(model, n_tasks=3, targets=["0", "2"], r=4)   # only the adapters train
     with mtl_lora.task_ids(model, torch.tensor([0, 2, 1, 0])):        # one task id per sample
         out = model(torch.randn(4, 16))                                # (4, 4)
+
+Our choices and the limits of this file:
+- Layout: `lora_A` = nn.Linear(d_in, r, bias=False) as in peft; `lora_lambda` (T, r, r) or (T, r),
+  `lora_B` (n, d_out, r), `lora_w` (T, n) Parameters; the wrapped layer is `.base`.
+- Ids reach the layers through a context manager (nested ones restore the outer ids), not an
+  extra forward argument as in the authors' code. It reads no tensor value on the host: a
+  device-side assert checks the range (and a merged model's task); it raises at once on CPU, at a
+  later kernel launch on CUDA, where it leaves the CUDA context unusable (restart the process).
+- dropout defaults to 0 as in lora.py (the authors used 0.05: pass dropout=0.05). No extra bias
+  (the authors add a random frozen bias to bias-free layers, a bug). The softmax is fp32.
+- Dtypes: the adapter is made in the base weight's dtype; x is cast to the adapter's dtype and
+  the update to the output's, so autocast works, and so do fp32 adapters on a bf16 model.
+- merge() forms the update in fp32 and casts once; in bf16, merge then unmerge restores W0 only
+  to bf16 rounding. A merged layer keeps the task and the A, Lam_t, B, w_t it folded in, also in
+  its state_dict, so unmerge() is exact even if they change, and a merged model reloads exactly.
+- Only nn.Linear: HF GPT-2's Conv1D (weight stored transposed) is refused, not adapted.
+- nn.MultiheadAttention's out_proj is refused: MHA reads its weight directly, an adapter there
+  would do nothing. nn.TransformerEncoder's inference fast paths also read linear1.weight
+  directly; add_mtl_lora switches them off in the encoders it adapts (build them batch_first).
 """
 import contextlib
 import math
@@ -49,168 +54,177 @@ class MTLLoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, n_tasks: int, r: int = 8, n_up: int = 3, alpha: float = 16.0,
                  tau: float = 0.1, dropout: float = 0.0, diagonal: bool = False):
         super().__init__()
-        _check_hparams(n_tasks, r, n_up, alpha, tau, dropout)
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"MTLLoRALinear wraps an nn.Linear, got a {type(base).__name__}")
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
-        d_in, d_out = base.in_features, base.out_features
+        _check_hparams(base, n_tasks, r, n_up, alpha, tau, dropout)
+        self.base = base.requires_grad_(False)                          # W0, frozen
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Linear(d_in, r, bias=False, **kw)                  # weight (r, d_in)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        lam = torch.ones(n_tasks, r, **kw) if diagonal else torch.eye(r, **kw).repeat(n_tasks, 1, 1)
-        self.lora_lambda = nn.Parameter(lam)                                # (T, r, r) or (T, r)
-        self.lora_B = nn.Parameter(torch.zeros(n_up, d_out, r, **kw))       # (n, d_out, r)
-        self.lora_w = nn.Parameter(torch.empty(n_tasks, n_up, **kw))        # (T, n)
-        nn.init.kaiming_uniform_(self.lora_w, a=math.sqrt(5))
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, **kw)  # A: (r, d_in)
+        lam = (n_tasks, r) if diagonal else (n_tasks, r, r)
+        self.lora_lambda = nn.Parameter(torch.empty(lam, **kw))         # Lam: (T, r, r) or (T, r)
+        self.lora_B = nn.Parameter(torch.empty(n_up, base.out_features, r, **kw))   # (n, d_out, r)
+        self.lora_w = nn.Parameter(torch.empty(n_tasks, n_up, **kw))    # w: (T, n)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.n_tasks, self.n_up, self.r, self.alpha, self.tau = n_tasks, n_up, r, alpha, tau
+        self.n_tasks, self.r, self.n_up, self.alpha, self.tau = n_tasks, r, n_up, alpha, tau
         self.scaling, self.diagonal = alpha / r, diagonal
-        self.merged_task = None
-        self.task_ids, self._id_range = None, None   # set by task_ids(model, ids)
+        self.folded = None          # (t, A, Lam_t, B, w_t) that merge(t) folded into W0, else None
+        self.task_ids = None        # (B,), set by `with task_ids(model, ids)`
+        self.reset_parameters()
 
-    def mixing(self):                                        # (T, n) fp32, p_t = softmax(w_t / tau)
+    def reset_parameters(self):
+        """The paper's init, A, w ~ kaiming_uniform(a=sqrt(5)), Lam_t = I (diagonal: ones), B_i = 0
+        (also after to_empty(); model.apply() calls it after the sub-layers' own reset)."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_w, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+        with torch.no_grad():
+            lam = self.lora_lambda
+            I = torch.eye(self.r, device=lam.device, dtype=lam.dtype)
+            lam.copy_((I.diagonal() if self.diagonal else I).expand_as(lam))
+
+    def mixing(self):                                   # p = softmax(w / tau): (T, n), fp32
         return torch.softmax(self.lora_w.float() / self.tau, dim=-1)
 
+    def forward(self, x):                                       # x (B, ..., d_in)
+        h = self.base(x)                                        # W0 x: (B, ..., d_out)
+        if self.merged:                                         # W0 already holds task t's update
+            return h
+        t = self._ids_for(x)                                    # each sample's task: (B,)
+        # z = A drop(x): (B, L, r)
+        z = self.lora_A(self.drop(x.to(self.lora_A.weight.dtype))).view(len(t), -1, self.r)
+        # p_t = softmax(w_t / tau), for every task
+        p = self.mixing()                                       # (T, n), fp32
+        Lam = torch.diag_embed(self.lora_lambda) if self.diagonal else self.lora_lambda  # (T, r, r)
+        # (sum_i p_{t,i} B_i) Lam_t = [B_1 ... B_n] kron(p_t, Lam_t); kron = [p_{t,1} Lam_t; ...]
+        pLam = (p[:, :, None, None] * Lam[:, None]).flatten(1, 2).to(z.dtype)          # (T, n r, r)
+        # kron(p_t, Lam_t) z, each sample with its own task t
+        z = torch.bmm(z, pLam[t].mT).flatten(0, 1)             # (M, n r), M = B L
+        # [B_1 ... B_n]^T, contiguous
+        Bt = self.lora_B.mT.reshape(-1, h.shape[-1]).to(h.dtype)                      # (n r, d_out)
+        # h + s [B_1 ... B_n] kron(p_t, Lam_t) z, one fused matmul-add: (M, d_out) + s (M, n r) @ Bt
+        h2 = torch.addmm(h.reshape(-1, h.shape[-1]), z.to(h.dtype), Bt, alpha=self.scaling)
+        return h2.view(h.shape)
+
     def _ids_for(self, x):
-        ids = self.task_ids
-        if ids is None:
-            if self.merged_task is None:
-                raise ValueError("MTL-LoRA needs one task id per sample: wrap the call in "
-                                 "`with task_ids(model, ids): out = model(x)` (ids a LongTensor "
-                                 "(batch,)), or merge_mtl_lora(model, task) to serve one task")
-            return None
-        if x.dim() < 2 or ids.shape[0] != x.shape[0]:
-            raise ValueError(f"{ids.shape[0]} task ids for a layer input of shape {tuple(x.shape)}: "
-                             "give one id per sample; the batch must be dim 0 of every adapted "
-                             "layer's input (build nn.TransformerEncoder with batch_first=True)")
-        t = self.merged_task
-        if t is not None and ids.numel():
-            lo, hi = self._id_range or torch.stack(torch.aminmax(ids)).tolist()   # set by task_ids
-            if (lo, hi) != (t, t):
-                raise ValueError(f"this layer is merged for task {t} but got task ids {lo}..{hi}; "
-                                 "unmerge_mtl_lora(model) to run other or mixed tasks")
-        return ids
+        t = self.task_ids
+        if t is None or x.dim() < 2 or len(t) != x.shape[0]:
+            raise ValueError(f"{'no' if t is None else len(t)} task ids for input {tuple(x.shape)}"
+                             ": call the model `with task_ids(model, ids):`, one id per sample, in "
+                             "dim 0 (nn.TransformerEncoder: batch_first=True); or merge_mtl_lora")
+        return t
 
-    def forward(self, x):                                    # x (B, ..., d_in)
-        out = self.base(x)                                   # (B, ..., d_out)
-        ids = self._ids_for(x)                               # (B,) or None when merged
-        if self.merged_task is not None:
-            return out
-        Bsz, L, r, n = x.shape[0], math.prod(x.shape[1:-1]), self.r, self.n_up
-        z = self.lora_A(self.drop(x.to(self.lora_A.weight.dtype))).reshape(Bsz, L, r)   # (B, L, r)
-        lam = self.lora_lambda[ids].to(z.dtype)              # (B, r, r) or (B, r)
-        z = z * lam[:, None, :] if self.diagonal else torch.bmm(z, lam.transpose(1, 2))  # Lam_t z
-        p = self.mixing()[ids]                               # (B, n) fp32
-        zp = (p[:, None, :, None] * z[:, :, None, :]).reshape(Bsz * L, n * r)          # (B*L, n*r)
-        Bcat = self.lora_B.permute(0, 2, 1).reshape(n * r, -1).to(out.dtype)        # (n*r, d_out)
-        # out + s * sum_i p_i B_i z in one fused matmul-add over the stacked heads
-        h = torch.addmm(out.reshape(-1, out.shape[-1]), zp.to(out.dtype), Bcat, alpha=self.scaling)
-        return h.view(out.shape)
+    @property
+    def merged(self):
+        return self.folded is not None
 
-    def delta_weight(self, task: int):                       # (d_out, d_in), fp32
-        p = self.mixing()[task]                              # (n,)
-        B = torch.einsum("n,nor->or", p, self.lora_B.float())                # (d_out, r)
-        lam = self.lora_lambda[task].float()
-        lam = torch.diag(lam) if self.diagonal else lam                       # (r, r)
-        return self.scaling * (B @ lam @ self.lora_A.weight.float())
+    @property
+    def merged_task(self):
+        return self.folded[0] if self.merged else None
+
+    def delta_weight(self, task: int, folded=None):             # (d_out, d_in), fp32
+        """s (sum_i p_{t,i} B_i) Lam_t A of task t, from the current tensors or `folded`."""
+        A, Lam_t, B, w_t = folded or (self.lora_A.weight, self.lora_lambda[task], self.lora_B,
+                                      self.lora_w[task])
+        p_t = torch.softmax(w_t.float() / self.tau, dim=-1)                     # (n,)
+        Lam_t = torch.diag(Lam_t.float()) if self.diagonal else Lam_t.float()   # (r, r)
+        dW = self.scaling * torch.einsum("i,ior->or", p_t, B.float()) @ Lam_t @ A.float()
+        return dW.to(self.base.weight.device)       # `folded` may sit elsewhere after .to(device)
 
     def _check_task(self, task):
-        if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < self.n_tasks:
-            raise ValueError(f"merge needs one task id, an int in [0, {self.n_tasks}), got {task!r}")
-        if self.merged_task is not None and self.merged_task != task:
-            raise ValueError(f"already merged for task {self.merged_task}; unmerge before "
-                             f"merging task {task}")
+        t = self.merged_task
+        if type(task) is not int or not 0 <= task < self.n_tasks or t not in (None, task):
+            raise ValueError(f"merge needs one task id, an int in [0, {self.n_tasks}), got "
+                             f"{task!r}; this layer is merged for task {t}: unmerge before another")
 
     @torch.no_grad()
     def merge(self, task: int):
+        """W_t = W0 + s (sum_i p_{t,i} B_i) Lam_t A (merging twice for the same task is a no-op)."""
         self._check_task(task)
-        if self.merged_task is None:
-            w = self.base.weight
-            w.copy_((w.float() + self.delta_weight(task)).to(w.dtype))
-            self.merged_task = task
+        if not self.merged:
+            snap = (self.lora_A.weight, self.lora_lambda[task], self.lora_B, self.lora_w[task])
+            self.folded = (task, *(v.detach().clone() for v in snap))
+            W = self.base.weight
+            W.copy_((W.float() + self.delta_weight(task, self.folded[1:])).to(W.dtype))
 
     @torch.no_grad()
     def unmerge(self):
-        if self.merged_task is not None:
-            w = self.base.weight
-            w.copy_((w.float() - self.delta_weight(self.merged_task)).to(w.dtype))
-            self.merged_task = None
+        """W0 = W_t - s (sum_i p_{t,i} B_i) Lam_t A, with the tensors that were merged."""
+        if self.merged:
+            W = self.base.weight
+            W.copy_((W.float() - self.delta_weight(self.merged_task, self.folded[1:])).to(W.dtype))
+            self.folded = None
+
+    def get_extra_state(self):          # the merged state travels with the state_dict
+        return self.folded
+
+    def set_extra_state(self, state):
+        self.folded = state
 
     def extra_repr(self):
         return (f"n_tasks={self.n_tasks}, r={self.r}, n_up={self.n_up}, alpha={self.alpha}, "
                 f"tau={self.tau}, diagonal={self.diagonal}, merged_task={self.merged_task}")
 
 
-def _check_hparams(n_tasks, r, n_up, alpha, tau, dropout):
-    for what, v in (("n_tasks", n_tasks), ("rank r", r), ("n_up (shared B_i)", n_up)):
-        if not isinstance(v, int) or v < 1:
-            raise ValueError(f"MTL-LoRA {what} must be an integer >= 1, got {v!r}")
-    if not alpha > 0:
-        raise ValueError(f"MTL-LoRA alpha must be > 0 (scaling is alpha / r), got {alpha!r}")
-    if not 0 < tau < math.inf:
-        raise ValueError(f"MTL-LoRA temperature tau must be a finite number > 0 (the mixing is "
-                         f"softmax(w / tau); the authors used 0.1), got {tau!r}")
-    if not 0 <= dropout < 1:
-        raise ValueError(f"MTL-LoRA dropout must be in [0, 1), got {dropout!r}")
+def _check_hparams(base, n_tasks, r, n_up, alpha, tau, dropout):
+    ints = all(isinstance(v, int) and v >= 1 for v in (n_tasks, r, n_up))
+    if not (isinstance(base, nn.Linear) and ints and 0 < alpha < 1e30 and 0 < tau < 1e30
+            and 0 <= dropout < 1):
+        raise ValueError(f"MTL-LoRA wraps an nn.Linear (got a {type(base).__name__}), with integer "
+                         "n_tasks, rank r, n_up >= 1, alpha, tau in (0, 1e30), dropout in [0, 1); "
+                         f"got {n_tasks=}, {r=}, {n_up=}, {alpha=}, {tau=}, {dropout=}")
 
 
 def _find_targets(model: nn.Module, targets):
     """Dotted names of the nn.Linear layers whose name ends with one of `targets` (peft-style)."""
-    if isinstance(targets, str):
-        targets = [targets]
-    targets = list(targets)
-    if not targets:
-        raise ValueError("targets is empty: name at least one linear layer, e.g. targets=['q', 'v']")
+    targets = [targets] if isinstance(targets, str) else list(targets)
     modules = dict(model.named_modules())
-    found, unmatched = [], set(targets)
-    for name, mod in modules.items():
-        hits = [t for t in targets if name == t or name.endswith("." + t)]
-        if not hits:
-            continue
-        unmatched -= set(hits)
-        parent = modules[name.rpartition(".")[0]]
-        if isinstance(parent, nn.MultiheadAttention):
-            raise ValueError(
-                f"'{name}' belongs to nn.MultiheadAttention, which reads its weight directly "
-                "instead of calling the layer, so an adapter there would silently do nothing. "
-                "Target other layers (e.g. the feed-forward linear1/linear2).")
-        if hasattr(mod, "lora_A"):
-            raise ValueError(f"'{name}' is already adapted; build a fresh model to adapt it again")
-        if not isinstance(mod, nn.Linear):
-            raise ValueError(f"target '{name}' is a {type(mod).__name__}, not an nn.Linear; "
-                             "pick the linear layers inside it")
-        found.append(name)
-    if unmatched:
+    found = [n for n in modules if any(n == t or n.endswith("." + t) for t in targets)]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in found)]
+    if not targets or unmatched:
         linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-        raise ValueError(f"targets {sorted(unmatched)} match no layer of the model; "
-                         f"its nn.Linear layers are: {linears[:20]}")
+        raise ValueError(f"targets {unmatched or targets} match no layer of the model; name "
+                         f"some of its nn.Linear layers (by the end of their names): {linears[:20]}")
+    for name in found:
+        parent, mod = modules[name.rpartition(".")[0]], modules[name]
+        if hasattr(parent, "lora_A") or hasattr(mod, "lora_A"):
+            raise ValueError(f"'{name}' is an adapter or inside one: adapt each layer once")
+        if isinstance(parent, nn.MultiheadAttention):
+            raise ValueError(f"'{name}' belongs to nn.MultiheadAttention, which reads its weight "
+                             "directly, so an adapter would do nothing; target other layers")
+        if not isinstance(mod, nn.Linear):
+            raise ValueError(f"target '{name}' is a {type(mod).__name__}, not an nn.Linear")
     return found
 
 
 def add_mtl_lora(model: nn.Module, n_tasks: int, targets=("q", "k", "v", "o", "up", "down"),
                  r: int = 8, n_up: int = 3, alpha: float = 16.0, tau: float = 0.1,
                  dropout: float = 0.0, diagonal: bool = False) -> list:
-    """Wrap, in place, every nn.Linear whose dotted name ends with a target; freeze the rest."""
-    _check_hparams(n_tasks, r, n_up, alpha, tau, dropout)
+    """Wrap, in place, every nn.Linear whose dotted name ends with a target; freeze every
+    parameter that is not an adapter's. Returns the wrapped names."""
     names = _find_targets(model, targets)
+    new = {n: MTLLoRALinear(model.get_submodule(n), n_tasks, r, n_up, alpha, tau, dropout,
+                            diagonal) for n in names}                       # all checked
+    adapters = {id(p) for m in mtl_layers(model) + list(new.values())
+                for k, p in m.named_parameters() if k.startswith("lora_")}
     for p in model.parameters():
-        p.requires_grad_(False)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, MTLLoRALinear(getattr(parent, child), n_tasks, r, n_up, alpha, tau,
-                                             dropout, diagonal))
-        if isinstance(parent, nn.TransformerEncoderLayer):
-            # its inference fast path reads linear1.weight itself and would skip the adapter;
-            # any hook on a sub-module turns that path off
-            getattr(parent, child).register_forward_pre_hook(_keep_off_fast_path)
+        if id(p) not in adapters:
+            p.requires_grad_(False)
+    for name, layer in new.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    _keep_off_fast_paths(model)
     return names
 
 
-def _keep_off_fast_path(module, args):
-    return None
+def _keep_off_fast_paths(model):
+    """nn.TransformerEncoder(Layer)'s inference fast paths read linear1.weight themselves and
+    would crash on or skip an adapter: the nested-tensor path is turned off by a flag, the
+    layer's fused path by any hook (here a no-op one)."""
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoder) and mtl_layers(m):
+            m.use_nested_tensor = False
+        if isinstance(m, nn.TransformerEncoderLayer):
+            for layer in mtl_layers(m):
+                if not layer._forward_pre_hooks:
+                    layer.register_forward_pre_hook(lambda module, args: None)
 
 
 def mtl_layers(model: nn.Module):
@@ -220,32 +234,26 @@ def mtl_layers(model: nn.Module):
 @contextlib.contextmanager
 def task_ids(model: nn.Module, ids):
     """Give every MTL-LoRA layer of `model` the per-sample task ids (B,) for the calls inside."""
-    layers = mtl_layers(model)
+    layers, ids = mtl_layers(model), torch.as_tensor(ids)
     if not layers:
         raise ValueError("the model has no MTL-LoRA layers: call add_mtl_lora(model, ...) first")
-    ids = torch.as_tensor(ids)
-    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
-        raise ValueError(f"task ids must be integers (a LongTensor), got dtype {ids.dtype}")
-    if ids.dim() != 1:
-        raise ValueError(f"task ids must be 1-D, one per sample (batch,), got {tuple(ids.shape)}")
-    ids = ids.long()
-    rng = tuple(torch.stack(torch.aminmax(ids)).tolist()) if ids.numel() else None   # one sync
+    if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or ids.ndim != 1:
+        raise ValueError(f"task ids must be integers, shape (batch,), got {ids.dtype} {ids.shape}")
     T = min(m.n_tasks for m in layers)
-    if rng is not None and (rng[0] < 0 or rng[1] >= T):
-        raise ValueError(f"task ids must be in [0, {T}) (the model's MTL-LoRA layers have "
-                         f"n_tasks={T}), got ids from {rng[0]} to {rng[1]}")
-    on = {}                                                  # ids copied once per device
-    saved = [(m.task_ids, m._id_range) for m in layers]
+    torch._assert_async(((ids >= 0) & (ids < T)).all(), f"task ids must be in [0, n_tasks={T})")
+    for t in {m.merged_task for m in layers} - {None}:         # merged for t: task t's samples only
+        torch._assert_async((ids == t).all(), f"merged for task {t}: unmerge_mtl_lora(model) first")
+    on, saved = {}, [m.task_ids for m in layers]                # ids moved once per device
     try:
         for m in layers:
             dev = m.lora_w.device
             if dev not in on:
-                on[dev] = ids.to(dev, non_blocking=True)
-            m.task_ids, m._id_range = on[dev], rng
+                on[dev] = ids.to(dev, torch.long, non_blocking=True)
+            m.task_ids = on[dev]
         yield
     finally:
-        for m, (old, old_rng) in zip(layers, saved):
-            m.task_ids, m._id_range = old, old_rng
+        for m, old in zip(layers, saved):
+            m.task_ids = old
 
 
 def merge_mtl_lora(model: nn.Module, task: int):
@@ -264,30 +272,23 @@ def unmerge_mtl_lora(model: nn.Module):
 
 def mixing_weights(model: nn.Module) -> dict:
     """{layer name: p (T, n)}, the softmax(w / tau) mixing of the up-projections, fp32, detached."""
-    return {name: m.mixing().detach() for name, m in model.named_modules()
+    return {n: m.mixing().detach() for n, m in model.named_modules()
             if isinstance(m, MTLLoRALinear)}
 
 
 def mtl_state_dict(model: nn.Module) -> dict:
     """Only the adapter tensors (lora_A, lora_lambda, lora_B, lora_w), detached, for torch.save."""
-    return {f"{name}.{k}".lstrip("."): v.detach().clone()
-            for name, m in model.named_modules() if isinstance(m, MTLLoRALinear)
+    return {f"{n}.{k}".lstrip("."): v.detach().clone() for n, m in model.named_modules()
+            if isinstance(m, MTLLoRALinear)
             for k, v in m.state_dict().items() if k.startswith("lora_")}
 
 
 def load_mtl_state_dict(model: nn.Module, state: dict):
     """Load adapter tensors saved by mtl_state_dict into a model adapted with the same settings."""
-    if any(m.merged_task is not None for m in mtl_layers(model)):
-        raise ValueError("the model has merged MTL-LoRA layers; unmerge_mtl_lora(model) first")
     own = mtl_state_dict(model)
-    if not own:
-        raise ValueError("the model has no MTL-LoRA layers: call add_mtl_lora(model, ...) first")
-    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or extra:
-        raise ValueError(f"adapter keys do not match this model: missing {missing[:5]}, "
-                         f"unexpected {extra[:5]}; were targets the same when it was saved?")
-    for k, v in state.items():
-        if v.shape != own[k].shape:
-            raise ValueError(f"{k}: saved shape {tuple(v.shape)} != model's {tuple(own[k].shape)} "
-                             "(were r, n_up, n_tasks and diagonal the same?)")
+    bad = sorted(k for k in own.keys() | state.keys()
+                 if k not in own or k not in state or own[k].shape != state[k].shape)
+    if not own or bad or any(m.merged for m in mtl_layers(model)):
+        raise ValueError("load into a model adapted with the same targets, r, n_up, n_tasks and "
+                         f"diagonal, unmerged (unmerge_mtl_lora); tensors not fitting: {bad[:4]}")
     model.load_state_dict(state, strict=False)

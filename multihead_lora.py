@@ -6,37 +6,57 @@ splits the up-projection into N heads that a per-token router mixes:
     h = W0 x + s * sum_i w_i B_i A drop(x),    w = softmax(W_r x),    s = alpha / r
 
 A: r x d_in, kaiming_uniform(a=sqrt(5)); B_i: d_out x r, zero (step 0 equals the base model);
-W_r: N x d_in, no bias. The router reads the un-dropped x; one fp32 softmax per token over all
-heads (no top-k, no balancing loss, as in the authors' code). w depends on x: no merging.
-Pitfall: while every B_i = 0 the router's gradient is exactly zero (dh/dw_i = s B_i A x = 0).
+W_r: N x d_in, no bias, nn.Linear's init. The router reads the un-dropped x; one fp32 softmax per
+token over all heads (no top-k, no balancing loss, as in the authors' code). w depends on x: no
+merging. Pitfall: while every B_i = 0 the router's gradient is exactly zero (dh/dw_i = s B_i A x).
 
 M-LoRA (router=False), the router-free multi-head of Align-LoRA's paper (Liu et al. 2025,
-arXiv 2508.05078, sec. 3): the same A and heads, no router, no task ids:
+arXiv 2508.05078, sec. 3): the same A and heads, no router, no task ids, a dropout mask per head:
 
-    h = W0 x + s * mean_i B_i drop_i(A x)          (an independent dropout mask per head)
+    h = W0 x + s * mean_i B_i drop_i(A x)   [ - s * B0 A0 x   with init="offset" ]
 
-Without dropout (or in eval) that is exactly HydraLoRA with its router frozen at uniform 1/N,
-and it merges: W = W0 + s * mean_i(B_i) A. The paper finds that the heads end up very similar
-(`head_similarity` measures it) and that this variant beats the routed ones.
+In eval (or without dropout) that is HydraLoRA with its router frozen at 1/N, and it merges:
+W = W0 + s * (mean_i(B_i) A - B0 A0). The paper finds that the heads end up very similar
+(`head_similarity` measures it) and that this variant beats the routed ones. Two inits:
+- init="zero" (default): every B_i = 0, as in HydraLoRA: no extra buffers or compute, and the
+  start is exactly the base, in train mode too; the heads then differ only through their dropout
+  masks (with dropout 0 they get equal gradients and stay identical: plain LoRA).
+- init="offset" (the Align-LoRA authors' R-LoRA code): random B_i, so the heads differ from the
+  start; A0 = A and B0 = mean_i B_i at init are kept as frozen buffers and s * B0 A0 x is
+  subtracted (one more rank-r product per forward), so step 0 is the base.
 
-Trainable per layer: r*d_in + N*r*d_out (+ N*d_in router). Defaults r=4, N=3, alpha=32: the
-HydraLoRA authors' (also Align-LoRA's baselines). Dtypes, fp32 merging, saving: as in lora.py.
-Our choice: M-LoRA takes the mean of the heads (the paper says sum and mean in different places).
-Our choice: M-LoRA heads start at zero and differ only through their dropout masks; with
-  dropout=0 (our default, as in lora.py) all get the same gradient and stay identical (plain
-  LoRA). The paper's alternative, random per-head B with that start subtracted from W0, is not
-  implemented.
-Our choice: routed dropout acts on x before A (as in LoRA); M-LoRA's per head on z = A x.
-Our choice: routing weights are kept only inside `record_routing`; training pays nothing.
-Our choice: head_similarity is nan for N = 1 or an all-zero head (cosine undefined).
+Trainable per layer: r*d_in + N*r*d_out (+ N*d_in router). Defaults r=4, alpha=32: the HydraLoRA
+authors' script (which uses N=4 heads, `lora_b_nums=4`); n_heads=3 is the Align-LoRA paper's
+baseline (its parameter figures use N=3); dropout 0 as in lora.py (HydraLoRA's script uses 0.05,
+the Align-LoRA authors' 0.1).
 
 Usage on any model built of nn.Linear layers (no edits to its code):
 
     import torch, multihead_lora as mh
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
-    mh.add_multihead_lora(model, targets=["0", "2"], n_heads=3)        # router=False: M-LoRA
-    with mh.record_routing(model) as rec: model(torch.randn(8, 5, 16))  # rec["0"]: (8, 5, 3)
-    torch.save(mh.multihead_state_dict(model), "adapter.pt")            # adapter tensors only
+    mh.add_multihead_lora(model, targets=["0"], n_heads=3)             # router=True: HydraLoRA
+    mh.add_multihead_lora(model, targets=["2"], router=False, init="offset")         # M-LoRA
+    with mh.record_routing(model) as w: model(torch.randn(8, 5, 16))   # w["0"]: (8, 5, 3)
+    torch.save(mh.multihead_state_dict(model), "adapter.pt")           # adapter tensors only
+
+Our choices and the limits of this file:
+- M-LoRA takes the mean of the heads (the paper says sum and mean in different places).
+- HydraLoRA's authors draw a dropout mask per head on x; ours shares one on x (one A x, not N).
+- M-LoRA's dropout acts per head on z = A x, as in the Align-LoRA authors' code.
+- init="offset": the authors subtract the start from W0 (the same function); we keep W0 untouched.
+- init="offset" draws B_i like nn.Linear(r, d_out); s stays alpha/r (the authors: alpha/sqrt(r)).
+- Routing weights are computed only inside `record_routing` (hooks): training pays nothing.
+- head_similarity is nan for N = 1 or an all-zero head (cosine undefined).
+- Dtypes: the adapter is made in the base weight's dtype; x is cast to the adapter's dtype and
+  the update to the output's, so autocast works, and so do fp32 adapters on a bf16 base (call
+  `.float()` on the layer, then `.base.to(torch.bfloat16)`).
+- merge() forms the update in fp32 and casts once; in bf16, merge then unmerge restores W0 only
+  to bf16 rounding. A merged layer keeps the tensors it folded in, also in its state_dict, so
+  unmerge() is exact even if they change, and a merged model reloads exactly.
+- Only nn.Linear: HF GPT-2's Conv1D (weight stored transposed) is refused, not adapted.
+- nn.MultiheadAttention's out_proj is refused: MHA reads its weight directly, an adapter there
+  would do nothing. nn.TransformerEncoder's inference fast paths also read linear1.weight
+  directly; add_multihead_lora switches them off in the encoders it adapts.
 """
 import contextlib
 import math
@@ -47,145 +67,176 @@ import torch.nn as nn
 
 class MultiHeadLoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int = 4, n_heads: int = 3, alpha: float = 32.0,
-                 dropout: float = 0.0, router: bool = True):
+                 dropout: float = 0.0, router: bool = True, init: str = "zero"):
         super().__init__()
-        _check_hparams(r, n_heads, alpha, dropout)
-        if not isinstance(base, nn.Linear):
-            raise ValueError(f"MultiHeadLoRALinear wraps an nn.Linear, got a {type(base).__name__}")
-        self.base = base
-        for p in base.parameters():
-            p.requires_grad_(False)
+        _check_hparams(base, r, n_heads, alpha, dropout, router, init)
+        self.base = base.requires_grad_(False)                           # W0, frozen
         d_in, d_out, N = base.in_features, base.out_features, n_heads
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Linear(d_in, r, bias=False, **kw)              # weight (r, d_in)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-        self.lora_B = nn.Parameter(torch.zeros(N, d_out, r, **kw))      # B_i = lora_B[i]
-        self.router = nn.Linear(d_in, N, bias=False, **kw) if router else None   # W_r (N, d_in)
+        self.lora_A = nn.Linear(d_in, r, bias=False, **kw)               # A: (r, d_in)
+        self.lora_B = nn.Parameter(torch.empty(N, d_out, r, **kw))       # B_i = lora_B[i]
+        self.router = nn.Linear(d_in, N, bias=False, **kw) if router else None   # W_r: (N, d_in)
+        offset = init == "offset"                                        # the start A0, B0
+        self.register_buffer("lora_A0", torch.empty(r, d_in, **kw) if offset else None)
+        self.register_buffer("lora_B0", torch.empty(d_out, r, **kw) if offset else None)
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r, self.n_heads, self.alpha, self.scaling = r, N, alpha, alpha / r
-        self.dropout, self.merged, self.record, self.last_weights = dropout, False, False, None
+        self.dropout, self.init = dropout, init
+        self.folded = None                  # the adapter tensors merge() folded into W0, else None
+        self.reset_parameters()
 
-    def forward(self, x):                                    # x (..., d_in)
-        if x.shape[-1] != self.base.in_features:
-            raise ValueError(f"input's last dimension is {x.shape[-1]}, but this layer expects "
-                             f"{self.base.in_features} features")
-        out = self.base(x)                                   # (..., d_out)
-        if self.merged:
-            return out
-        N, r = self.n_heads, self.r
-        xa = x.to(self.lora_A.weight.dtype)                              # (..., d_in)
-        out2 = out.reshape(-1, out.shape[-1])                             # (M, d_out), M tokens
-        if self.router is None:
-            z = self.lora_A(xa).reshape(-1, r)                            # (M, r)
-            if not (self.training and self.dropout > 0):                  # no masks: mean_i(B_i) z
-                B = self.lora_B.mean(0).t().to(out.dtype)                 # (r, d_out)
-                return torch.addmm(out2, z.to(out.dtype), B, alpha=self.scaling).view(out.shape)
-            wz = self.drop(z.unsqueeze(1).expand(-1, N, r))               # (M, N, r), mask per head
-            s = self.scaling / N                                          # the mean's 1/N
-        else:
-            w = self.router(xa).float().softmax(-1).reshape(-1, N)        # (M, N), fp32
-            if self.record:
-                self.last_weights = w.detach().view(*x.shape[:-1], N)     # (..., N)
-            z = self.lora_A(self.drop(xa)).reshape(-1, r)                 # (M, r)
-            wz = w.unsqueeze(-1) * z.unsqueeze(1)                         # (M, N, r)
-            s = self.scaling
-        # sum_i B_i (w_i z) as one matmul over the stacked heads: (M, N*r) @ (N*r, d_out)
-        B = self.lora_B.transpose(1, 2).reshape(N * r, -1).to(out.dtype)  # (N*r, d_out)
-        h = torch.addmm(out2, wz.reshape(-1, N * r).to(out.dtype), B, alpha=s)
-        return h.view(out.shape)
+    @torch.no_grad()
+    def reset_parameters(self):
+        """The docstring's init: A kaiming, W_r nn.Linear's, B_i zero, or random with A0, B0 kept
+        (init="offset"). Also after to_empty(): model.apply() calls it after the sub-layers'."""
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        if self.router is not None:
+            self.router.reset_parameters()
+        if self.lora_A0 is None:
+            nn.init.zeros_(self.lora_B)
+        else:                               # nn.Linear(r, d_out)'s kaiming_uniform(a=sqrt(5))
+            nn.init.uniform_(self.lora_B, -1 / math.sqrt(self.r), 1 / math.sqrt(self.r))
+            self.lora_A0.copy_(self.lora_A.weight)
+            self.lora_B0.copy_(self.lora_B.mean(0))
 
-    def delta_weight(self):                                  # (d_out, d_in), fp32
-        return self.scaling * (self.lora_B.float().mean(0) @ self.lora_A.weight.float())
+    def forward(self, x):                                                # x (..., d_in)
+        y = self.base(x)                                                 # W0 x: (..., d_out)
+        if self.merged:                                                  # W0 holds the update
+            return y
+        N, r, s = self.n_heads, self.r, self.scaling
+        x, h = x.to(self.lora_A.weight.dtype), y.reshape(-1, y.shape[-1])  # h: (M, d_out)
+        if self.router is not None:                                      # HydraLoRA
+            # w = softmax(W_r x): per token, in fp32, on the un-dropped x
+            w = self.router(x).float().softmax(-1).reshape(-1, N)        # (M, N)
+            # z = A drop(x): one dropout mask, shared by the heads
+            z = self.lora_A(self.drop(x)).reshape(-1, r)                 # (M, r)
+            # z_i = w_i z, the heads' inputs side by side: z = [z_1 .. z_N]
+            z = (w.unsqueeze(-1) * z.unsqueeze(1)).flatten(1)            # (M, N*r)
+            B = self.lora_B.transpose(1, 2).reshape(N * r, -1)           # [B_1..B_N]^T: (N*r, d_o)
+        else:                                                            # M-LoRA
+            # z = A x
+            z = self.lora_A(x).reshape(-1, r)                            # (M, r)
+            if self.training and self.dropout > 0:
+                # z_i = drop_i(z), a mask per head: z = [z_1 .. z_N]; the mean's 1/N goes into s
+                z = self.drop(z.unsqueeze(1).expand(-1, N, r)).flatten(1)    # (M, N*r)
+                B, s = self.lora_B.transpose(1, 2).reshape(N * r, -1), s / N  # (N*r, d_out)
+            else:
+                # no masks: mean_i B_i z = mean_i(B_i) z
+                B = self.lora_B.mean(0).t().contiguous()                 # (r, d_out)
+        # h = W0 x + s * sum_i B_i z_i, one fused matmul-add over the stacked heads
+        h = torch.addmm(h, z.to(h.dtype), B.to(h.dtype), alpha=s)        # (M, d_out)
+        if self.lora_A0 is not None:                                     # init="offset"
+            # h = h - s * B0 A0 x: the start, subtracted, so step 0 computes the base
+            z0 = nn.functional.linear(x, self.lora_A0).reshape(-1, r)    # A0 x: (M, r)
+            B0 = self.lora_B0.t().to(h.dtype)                            # (r, d_out)
+            h = torch.addmm(h, z0.to(h.dtype), B0, alpha=-self.scaling)
+        return h.view(y.shape)
+
+    @property
+    def merged(self):
+        return self.folded is not None
+
+    def delta_weight(self, A=None, B=None, A0=None, B0=None):   # s (mean_i(B_i) A - B0 A0), fp32
+        if A is None:
+            A, B, A0, B0 = self.lora_A.weight, self.lora_B, self.lora_A0, self.lora_B0
+        dW = B.float().mean(0) @ A.float()                                # (d_out, d_in)
+        return self.scaling * (dW if A0 is None else dW - B0.float() @ A0.float())
 
     @torch.no_grad()
     def merge(self):
+        """W = W0 + s (mean_i(B_i) A - B0 A0) (merging twice is a no-op)."""
         if self.router is not None:
-            raise ValueError("a routed (HydraLoRA) layer cannot be merged: its update s * sum_i "
-                             "w_i(x) B_i A changes with the input through the router, so no "
-                             "weight matrix equals it; keep it unmerged, or use router=False")
+            raise ValueError("a routed (HydraLoRA) layer cannot be merged: its update changes with "
+                             "the input through the router; keep it unmerged, or use router=False")
         if not self.merged:
-            w = self.base.weight
-            w.copy_((w.float() + self.delta_weight()).to(w.dtype))
-            self.merged = True
+            adapter = (self.lora_A.weight, self.lora_B, self.lora_A0, self.lora_B0)
+            self.folded = tuple(t.detach().clone() for t in adapter if t is not None)
+            W = self.base.weight
+            W.copy_((W.float() + self.delta_weight(*self.folded)).to(W.dtype))
 
     @torch.no_grad()
     def unmerge(self):
+        """W0 = W - the update that was merged."""
         if self.merged:
-            w = self.base.weight
-            w.copy_((w.float() - self.delta_weight()).to(w.dtype))
-            self.merged = False
+            W = self.base.weight
+            W.copy_((W.float() - self.delta_weight(*self.folded)).to(W.dtype))
+            self.folded = None
+
+    def get_extra_state(self):              # the merged state travels with the state_dict
+        return self.folded
+
+    def set_extra_state(self, state):
+        self.folded = state
 
     def extra_repr(self):
-        return (f"r={self.r}, n_heads={self.n_heads}, alpha={self.alpha}, "
+        return (f"r={self.r}, n_heads={self.n_heads}, alpha={self.alpha}, init={self.init}, "
                 f"router={self.router is not None}, merged={self.merged}")
 
 
-def _check_hparams(r, n_heads, alpha, dropout):
-    if not isinstance(r, int) or r < 1:
-        raise ValueError(f"multi-head LoRA rank r must be an integer >= 1, got {r!r}")
-    if not isinstance(n_heads, int) or n_heads < 1:
-        raise ValueError(f"multi-head LoRA n_heads must be an integer >= 1, got {n_heads!r}")
-    if not alpha > 0:
-        raise ValueError(f"multi-head LoRA alpha must be > 0 (scaling is alpha / r), got {alpha!r}")
-    if not 0 <= dropout < 1:
-        raise ValueError(f"multi-head LoRA dropout must be in [0, 1), got {dropout!r}")
+def _check_hparams(base, r, n_heads, alpha, dropout, router, init):
+    if not isinstance(base, nn.Linear):
+        raise ValueError(f"MultiHeadLoRALinear wraps an nn.Linear, got a {type(base).__name__}")
+    inits = ("zero",) if router else ("zero", "offset")   # a routed update has no constant start
+    if not (isinstance(r, int) and r >= 1 and isinstance(n_heads, int) and n_heads >= 1
+            and 0 < alpha < 1e30 and 0 <= dropout < 1 and init in inits):
+        raise ValueError(f"multi-head LoRA needs integers rank r >= 1 and n_heads >= 1, alpha in "
+                         f"(0, 1e30) (s = alpha / r), dropout in [0, 1), init in {inits} (router="
+                         f"{router}); got {r=}, {n_heads=}, {alpha=}, {dropout=}, {init=}")
 
 
 def _find_targets(model: nn.Module, targets):
     """Dotted names of the nn.Linear layers whose name ends with one of `targets` (peft-style)."""
-    if isinstance(targets, str):
-        targets = [targets]
-    targets = list(targets)
-    if not targets:
-        raise ValueError("targets is empty: name at least one linear layer, e.g. targets=['up']")
+    targets = [targets] if isinstance(targets, str) else list(targets)
     modules = dict(model.named_modules())
-    found, unmatched = [], set(targets)
-    for name, mod in modules.items():
-        hits = [t for t in targets if name == t or name.endswith("." + t)]
-        if not hits:
-            continue
-        unmatched -= set(hits)
-        parent = modules[name.rpartition(".")[0]]
-        if isinstance(parent, nn.MultiheadAttention):
-            raise ValueError(
-                f"'{name}' belongs to nn.MultiheadAttention, which reads its weight directly "
-                "instead of calling the layer, so an adapter there would silently do nothing. "
-                "Target other layers (e.g. the feed-forward linear1/linear2).")
-        if hasattr(mod, "lora_A"):
-            raise ValueError(f"'{name}' is already adapted; build a fresh model to adapt it again")
-        if not isinstance(mod, nn.Linear):
-            raise ValueError(f"target '{name}' is a {type(mod).__name__}, not an nn.Linear; "
-                             "pick the linear layers inside it")
-        found.append(name)
-    if unmatched:
+    found = [n for n in modules if any(n == t or n.endswith("." + t) for t in targets)]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in found)]
+    if not targets or unmatched:
         linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-        raise ValueError(f"targets {sorted(unmatched)} match no layer of the model; "
-                         f"its nn.Linear layers are: {linears[:20]}")
+        raise ValueError(f"targets {unmatched or targets} match no layer of the model; name "
+                         f"some of its nn.Linear layers (by the end of their names): {linears[:20]}")
+    for name in found:
+        parent, mod = modules[name.rpartition(".")[0]], modules[name]
+        if hasattr(parent, "lora_A") or hasattr(mod, "lora_A"):
+            raise ValueError(f"'{name}' is an adapter or inside one: adapt each layer once")
+        if isinstance(parent, nn.MultiheadAttention):
+            raise ValueError(f"'{name}' belongs to nn.MultiheadAttention, which reads its weight "
+                             "directly, so an adapter would do nothing; target other layers")
+        if not isinstance(mod, nn.Linear):
+            raise ValueError(f"target '{name}' is a {type(mod).__name__}, not an nn.Linear")
     return found
 
 
 def add_multihead_lora(model: nn.Module, targets=("q", "k", "v", "o", "up", "down"), r: int = 4,
                        n_heads: int = 3, alpha: float = 32.0, dropout: float = 0.0,
-                       router: bool = True) -> list:
-    """Wrap, in place, every nn.Linear whose dotted name ends with a target; freeze the rest."""
-    _check_hparams(r, n_heads, alpha, dropout)
+                       router: bool = True, init: str = "zero") -> list:
+    """Wrap, in place, every nn.Linear whose dotted name ends with a target; freeze every
+    parameter that is not an adapter's. Returns the wrapped names."""
     names = _find_targets(model, targets)
+    new = {n: MultiHeadLoRALinear(model.get_submodule(n), r, n_heads, alpha, dropout, router, init)
+           for n in names}                                               # all checked first
+    adapters = {id(p) for m in [m for _, m in multihead_layers(model)] + list(new.values())
+                for k, p in m.named_parameters() if not k.startswith("base.")}
     for p in model.parameters():
-        p.requires_grad_(False)
-    for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, MultiHeadLoRALinear(getattr(parent, child), r, n_heads, alpha,
-                                                   dropout, router))
-        if isinstance(parent, nn.TransformerEncoderLayer):
-            # its inference fast path reads linear1.weight itself and would skip the adapter;
-            # any hook on a sub-module turns that path off
-            getattr(parent, child).register_forward_pre_hook(_keep_off_fast_path)
+        if id(p) not in adapters:
+            p.requires_grad_(False)
+    for name, layer in new.items():
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer)
+    _keep_off_fast_paths(model)
     return names
 
 
-def _keep_off_fast_path(module, args):
-    return None
+def _keep_off_fast_paths(model):
+    """nn.TransformerEncoder(Layer)'s inference fast paths read linear1.weight themselves and
+    would crash on or skip an adapter: the nested-tensor path is turned off by a flag, the
+    layer's fused path by any hook (here a no-op one)."""
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoder) and multihead_layers(m):
+            m.use_nested_tensor = False
+        if isinstance(m, nn.TransformerEncoderLayer):
+            for _, layer in multihead_layers(m):
+                if not layer._forward_pre_hooks:
+                    layer.register_forward_pre_hook(lambda module, args: None)
 
 
 def multihead_layers(model: nn.Module):
@@ -193,13 +244,9 @@ def multihead_layers(model: nn.Module):
 
 
 def merge_multihead_lora(model: nn.Module):
-    layers = multihead_layers(model)
-    routed = [n for n, m in layers if m.router is not None]
-    if routed:                                               # refuse before touching any weight
-        raise ValueError(f"routed (HydraLoRA) layers {routed[:3]} cannot be merged: their update "
-                         "depends on the input through the router; only router=False merges")
-    for _, m in layers:
-        m.merge()
+    layers = [m for _, m in multihead_layers(model)]
+    for m in sorted(layers, key=lambda m: m.router is None):    # routed first: they refuse to
+        m.merge()                                                # merge before any weight changes
 
 
 def unmerge_multihead_lora(model: nn.Module):
@@ -208,94 +255,74 @@ def unmerge_multihead_lora(model: nn.Module):
 
 
 def multihead_state_dict(model: nn.Module) -> dict:
-    """Only the adapter tensors (lora_A, lora_B, router), detached, ready for torch.save."""
-    names = tuple(n + "." for n, _ in multihead_layers(model))
-    return {k: v.detach().clone() for k, v in model.state_dict().items()
-            if k.startswith(names) and k.endswith((".lora_A.weight", ".lora_B", ".router.weight"))}
+    """Only the adapter tensors (lora_A, lora_B, router; lora_A0, lora_B0 with init="offset")."""
+    return {f"{n}.{k}".lstrip("."): v.detach().clone() for n, m in multihead_layers(model)
+            for k, v in m.state_dict().items() if k.startswith(("lora_", "router."))}
 
 
 def load_multihead_state_dict(model: nn.Module, state: dict):
     """Load tensors saved by multihead_state_dict into a model adapted with the same settings."""
-    if any(m.merged for _, m in multihead_layers(model)):
-        raise ValueError("the model has merged multi-head LoRA layers; "
-                         "unmerge_multihead_lora(model) before loading")
     own = multihead_state_dict(model)
-    if not own:
-        raise ValueError("the model has no multi-head LoRA layers: call add_multihead_lora first")
-    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or extra:
-        raise ValueError(f"adapter keys do not match this model: missing {missing[:5]}, "
-                         f"unexpected {extra[:5]}; were targets and router the same when saved?")
-    for k, v in state.items():
-        if v.shape != own[k].shape:
-            raise ValueError(f"{k}: saved shape {tuple(v.shape)} != model's {tuple(own[k].shape)}"
-                             " (were r and n_heads the same?)")
+    bad = sorted(k for k in own.keys() | state.keys()
+                 if k not in own or k not in state or own[k].shape != state[k].shape)
+    if not own or bad or any(m.merged for _, m in multihead_layers(model)):
+        raise ValueError(f"load into an unmerged model adapted alike (add_multihead_lora, same "
+                         f"targets, r, n_heads, router, init); tensors that do not fit: {bad[:4]}")
     model.load_state_dict(state, strict=False)
 
 
 @torch.no_grad()
 def head_similarity(model: nn.Module) -> dict:
     """Per layer, the mean off-diagonal cosine similarity between the flattened heads B_i.
-    nan where it is undefined: N = 1, or some head is all zero (e.g. every head at init)."""
+    nan where it is undefined: N = 1, or some head is all zero (e.g. every head at zero init)."""
     sims = {}
     for name, m in multihead_layers(model):
-        Bf = m.lora_B.float().reshape(m.n_heads, -1)         # (N, d_out * r)
-        norms = Bf.norm(dim=1)                                # (N,)
-        if m.n_heads < 2 or not bool((norms > 0).all()):
-            sims[name] = float("nan")
-            continue
-        U = Bf / norms[:, None]
-        C = U @ U.t()                                         # (N, N) cosines
-        sims[name] = ((C.sum() - C.diagonal().sum()) / (m.n_heads * (m.n_heads - 1))).item()
+        U = nn.functional.normalize(m.lora_B.float().flatten(1), dim=1)   # (N, d_out*r), unit rows
+        C = U @ U.t()                                                      # (N, N) cosines
+        N, defined = m.n_heads, m.n_heads > 1 and bool(m.lora_B.flatten(1).any(1).all())
+        sims[name] = ((C.sum() - C.trace()) / (N * (N - 1))).item() if defined else float("nan")
     return sims
 
 
 @contextlib.contextmanager
 def record_routing(model: nn.Module):
-    """Inside the block every routed layer keeps its routing weights; yields {name: (..., N)},
-    filled by each forward pass (the last one wins). Outside it nothing is recorded."""
+    """Inside the block, each forward pass stores every routed layer's routing weights
+    w = softmax(W_r x) (fp32, detached, (..., N)) in the yielded {name: w}; the last pass wins.
+    Forward hooks on the routers do it, removed when the block ends; training pays nothing."""
     layers = [(n, m) for n, m in multihead_layers(model) if m.router is not None]
     if not layers:
         raise ValueError("the model has no routed multi-head LoRA layers (router=True) to record")
-    records, hooks = {}, []
-    for name, m in layers:
-        m.record = True
-        hooks.append(m.register_forward_hook(
-            lambda mod, args, out, name=name: records.__setitem__(name, mod.last_weights)))
+    records = {}
+
+    def store(name):                    # w = softmax(W_r x) from the router's output W_r x
+        return lambda router, args, Wx: records.__setitem__(name, Wx.detach().float().softmax(-1))
+    hooks = [m.router.register_forward_hook(store(name)) for name, m in layers]
     try:
         yield records
     finally:
         for h in hooks:
             h.remove()
-        for _, m in layers:
-            m.record, m.last_weights = False, None
 
 
 def routing_table(records: dict, task_ids: torch.Tensor, n_tasks: int, mask=None) -> torch.Tensor:
     """(n_tasks, N): mean routing weight per task and head, over layers and masked tokens.
     records: {name: (B, ..., N)} from record_routing; task_ids (B,); mask (B, ...) bool or None.
     A task with no (unmasked) token gets a row of nan."""
-    shapes = sorted({tuple(w.shape) for w in records.values()})
+    shapes = {tuple(w.shape) for w in records.values()}
     if len(shapes) != 1:
-        raise ValueError(f"records must be non-empty with one shape, got shapes {shapes}: fill "
-                         "them in one forward inside `with record_routing(model) as records:`")
+        raise ValueError(f"records must come from one forward inside record_routing: non-empty, "
+                         f"of one shape; got shapes {sorted(shapes)}")
     W = torch.stack([w.float() for w in records.values()]).mean(0)   # (B, ..., N), over layers
-    Bsz, N = W.shape[0], W.shape[-1]
-    if not isinstance(n_tasks, int) or n_tasks < 1:
-        raise ValueError(f"n_tasks must be an integer >= 1, got {n_tasks!r}")
-    task_ids = torch.as_tensor(task_ids)
-    if task_ids.dtype not in (torch.long, torch.int) or task_ids.shape != (Bsz,):
-        raise ValueError(f"task_ids must be integers of shape ({Bsz},), one per sample, got "
-                         f"{task_ids.dtype} {tuple(task_ids.shape)}")
-    if Bsz and (int(task_ids.min()) < 0 or int(task_ids.max()) >= n_tasks):
-        raise ValueError(f"task_ids must lie in [0, {n_tasks}), got values from "
-                         f"{int(task_ids.min())} to {int(task_ids.max())}")
-    mask = torch.ones(W.shape[:-1], dtype=torch.bool) if mask is None else mask
-    if mask.dtype != torch.bool or mask.shape != W.shape[:-1]:
-        raise ValueError(f"mask must be a bool tensor of shape {tuple(W.shape[:-1])} (the records' "
-                         f"shape without heads), got {mask.dtype} {tuple(mask.shape)}")
+    Bsz, N, ids, shape = W.shape[0], W.shape[-1], torch.as_tensor(task_ids), tuple(W.shape[:-1])
+    mask = torch.ones(shape, dtype=torch.bool) if mask is None else mask
+    if not (isinstance(n_tasks, int) and n_tasks >= 1 and ids.dtype in (torch.long, torch.int)
+            and ids.shape == (Bsz,) and bool(((ids >= 0) & (ids < n_tasks)).all())
+            and mask.dtype == torch.bool and tuple(mask.shape) == shape):
+        raise ValueError(f"routing_table needs n_tasks >= 1, task_ids: integers in [0, n_tasks) of "
+                         f"shape ({Bsz},), mask: bool of shape {shape}; got {n_tasks=}, task_ids "
+                         f"{ids.dtype} {tuple(ids.shape)}, mask {mask.dtype} {tuple(mask.shape)}")
     W, mask = W.reshape(Bsz, -1, N), mask.reshape(Bsz, -1).to(W.device)    # (B, L, N), (B, L)
-    t = task_ids.to(W.device).view(Bsz, 1).expand(mask.shape)[mask]         # (K,) kept tokens
+    t = ids.to(W.device).view(Bsz, 1).expand(mask.shape)[mask]              # (K,) kept tokens
     sums = W.new_zeros(n_tasks, N).index_add_(0, t, W[mask])                # (n_tasks, N)
     counts = torch.bincount(t, minlength=n_tasks).to(W.dtype)               # (n_tasks,)
     return sums / counts[:, None]

@@ -19,8 +19,9 @@ def test_init_gates_half_forward_half_h_and_param_count():
     assert [n for n, _ in crl.named_parameters()] == ["G"] and list(crl.state_dict()) == ["G"]
     h = torch.randn(5, 7, 12)
     assert torch.equal(crl(h, torch.tensor([0, 1, 2, 1, 0])), 0.5 * h)
-    big = MTCRL(d=4096, n_tasks=8, n_modules=16)
+    big = MTCRL(d=4096, n_tasks=8, n_modules=16, n_envs=5)
     assert sum(p.numel() for p in big.parameters()) == 8 * 16
+    assert (crl.n_envs, big.n_envs) == (2, 5) and "n_envs=5" in repr(big)
 
 
 @pytest.mark.parametrize("shape", [(6, 12), (6, 5, 12), (6, 2, 3, 12)])
@@ -87,6 +88,8 @@ def test_decorrelation_mask_excludes_tokens():
     h_bad[~mask] = float("nan")
     torch.testing.assert_close(crl.decorrelation(h_bad, mask.float()), ref)
     assert not torch.allclose(crl.decorrelation(h), ref)
+    per_sample = torch.tensor([True, False, True, True])[:, None]   # (B, 1) broadcasts over tokens
+    torch.testing.assert_close(crl.decorrelation(h, per_sample), crl.decorrelation(h[[0, 2, 3]]))
 
 
 def test_sparsity_is_mean_gate():
@@ -96,15 +99,15 @@ def test_sparsity_is_mean_gate():
     assert crl.G.grad.abs().min() > 0
 
 
-def regression_setup(dtype=torch.float32, seed=0):
+def regression_setup(dtype=torch.float32, seed=0, n_envs=3):
     """Tiny squared-error problem: pred_i = sum_k g[t_i, k] * (h_ik . w_k)."""
     g = torch.Generator().manual_seed(seed)
-    crl = random_graph(MTCRL(d=6, n_tasks=3, n_modules=3).to(dtype), seed)
+    crl = random_graph(MTCRL(d=6, n_tasks=3, n_modules=3, n_envs=n_envs).to(dtype), seed)
     h = torch.randn(10, 6, generator=g, dtype=dtype)
     w = torch.randn(6, generator=g, dtype=dtype)
     y = torch.randn(10, generator=g, dtype=dtype)
     t = torch.tensor([0, 0, 1, 1, 2, 0, 0, 1, 1, 2])        # tasks 0, 1 in two of three envs,
-    e = torch.tensor([3, 3, 3, 3, 7, 7, 7, 9, 9, 7])        # task 2 only in env 7; ids not 0..E-1
+    e = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 1])        # task 2 only in env 1
     return crl, h, w, y, t, e
 
 
@@ -115,7 +118,7 @@ def closed_form_grads(crl, h, w, y, t, e):
     pred = (g[t] * s).sum(-1)
     out = {}
     for task in range(3):
-        for env in e.unique().tolist():
+        for env in e[e >= 0].unique().tolist():            # env -1: no environment
             sel = (t == task) & (e == env)
             if sel.any():
                 dR_dg = (2 * (pred - y)[sel, None] * s[sel]).mean(0)
@@ -123,64 +126,53 @@ def closed_form_grads(crl, h, w, y, t, e):
     return out
 
 
-def test_invariance_irm_and_var_equal_hand_computation():
-    crl, h, w, y, t, e = regression_setup()
-    losses = (crl(h, t) @ w - y) ** 2
+def hand_irm(crl, h, w, y, t, e):
+    """sum_t mean_e ||dR_t^e/dG_t||^2 over the environments where task t has samples."""
     grads = closed_form_grads(crl, h, w, y, t, e)
-    irm = var = 0.0
+    total = torch.zeros((), dtype=h.dtype)
     for task in range(3):
         gs = [v for (tt, _), v in grads.items() if tt == task]
-        irm += sum(v.pow(2).sum() for v in gs) / len(gs)
-        if len(gs) >= 2:
-            mean = sum(gs) / len(gs)
-            var += sum((v - mean).pow(2).sum() for v in gs) / len(gs)
+        if gs:
+            total = total + sum(v.pow(2).sum() for v in gs) / len(gs)
+    return total
+
+
+def test_invariance_irm_equals_hand_computation():
+    crl, h, w, y, t, e = regression_setup()
+    losses = (crl(h, t) @ w - y) ** 2
+    irm = hand_irm(crl, h, w, y, t, e)
     torch.testing.assert_close(crl.invariance(losses, t, e), irm)
-    torch.testing.assert_close(crl.invariance(losses, t, e, kind="var"), var)
-    assert irm > 0 and var > 0
+    assert irm > 0
 
 
 def test_invariance_zero_when_every_risk_gradient_is_zero():
     crl, h, w, y, t, e = regression_setup()
     pred = crl(h, t) @ w
     losses = (pred - pred.detach()) ** 2                    # perfect fit: zero gradient everywhere
-    assert crl.invariance(losses, t, e) == 0 and crl.invariance(losses, t, e, kind="var") == 0
-
-
-def test_var_zero_for_identical_environments_and_positive_otherwise():
-    crl, h, w, y, t, _ = regression_setup()
-    hh, yy, tt = torch.cat([h, h]), torch.cat([y, y]), torch.cat([t, t])
-    ee = torch.tensor([0] * 10 + [1] * 10)                  # env 1 is an exact copy of env 0
-    losses = (crl(hh, tt) @ w - yy) ** 2
-    assert crl.invariance(losses, tt, ee, kind="var").abs() < 1e-10
-    assert crl.invariance(losses, tt, ee, kind="irm") > 0
-    yy[10:] += 1.0                                          # env 1 now has other labels
-    losses = (crl(hh, tt) @ w - yy) ** 2
-    assert crl.invariance(losses, tt, ee, kind="var") > 1e-4
+    assert crl.invariance(losses, t, e) == 0
 
 
 def test_invariance_gradient_flows_and_matches_finite_difference():
     crl, h, w, y, t, e = regression_setup(torch.float64)
     body = nn.Linear(6, 6).double()
 
-    def penalty(kind):
+    def penalty():
         losses = (crl(body(h), t) @ w - y) ** 2
-        return crl.invariance(losses, t, e, kind=kind)
+        return crl.invariance(losses, t, e)
 
-    for kind in ("irm", "var"):
-        crl.G.grad, body.weight.grad = None, None
-        penalty(kind).backward()
-        assert body.weight.grad.abs().sum() > 0             # create_graph: reaches what made h
-        eps = 1e-6
-        for idx in [(0, 0), (1, 2), (2, 1)]:
-            with torch.no_grad():
-                crl.G[idx] += eps
-            up = penalty(kind).item()
-            with torch.no_grad():
-                crl.G[idx] -= 2 * eps
-            down = penalty(kind).item()
-            with torch.no_grad():
-                crl.G[idx] += eps
-            assert crl.G.grad[idx].item() == pytest.approx((up - down) / (2 * eps), rel=1e-5)
+    penalty().backward()
+    assert body.weight.grad.abs().sum() > 0                 # create_graph: reaches what made h
+    eps = 1e-6
+    for idx in [(0, 0), (1, 2), (2, 1)]:
+        with torch.no_grad():
+            crl.G[idx] += eps
+        up = penalty().item()
+        with torch.no_grad():
+            crl.G[idx] -= 2 * eps
+        down = penalty().item()
+        with torch.no_grad():
+            crl.G[idx] += eps
+        assert crl.G.grad[idx].item() == pytest.approx((up - down) / (2 * eps), rel=1e-5)
 
 
 def test_invariance_zero_when_losses_do_not_depend_on_G():
@@ -188,17 +180,84 @@ def test_invariance_zero_when_losses_do_not_depend_on_G():
     hh = h.clone().requires_grad_()
     losses = (hh @ w - y) ** 2                              # grad exists, but not through G
     assert crl.invariance(losses, t, e) == 0
-    assert crl.invariance(losses.detach(), t, e, kind="var") == 0
+    assert crl.invariance(losses.detach(), t, e) == 0
     with torch.no_grad():
         assert crl.invariance((crl(h, t) @ w - y) ** 2, t, e) == 0
 
 
-def test_var_ignores_tasks_seen_in_one_environment():
-    crl, h, w, y, t, e = regression_setup()
-    one_env = torch.zeros_like(e)
+def test_invariance_single_environment_equals_hand_computation():
+    crl, h, w, y, t, _ = regression_setup()
+    one_env = torch.zeros_like(t)
     losses = (crl(h, t) @ w - y) ** 2
-    assert crl.invariance(losses, t, one_env, kind="var") == 0
-    assert crl.invariance(losses, t, one_env, kind="irm") > 0
+    irm = hand_irm(crl, h, w, y, t, one_env)
+    torch.testing.assert_close(crl.invariance(losses, t, one_env), irm)
+
+
+def test_env_minus_one_samples_are_skipped():
+    """Samples with env id -1 enter no R_t^e: the penalty is the one on the batch without them."""
+    crl, h, w, y, t, _ = regression_setup(n_envs=2)         # default n_envs = 2 (old code's args)
+    e = torch.tensor([0, 0, -1, 1, -1, 1, 1, 0, -1, 1])     # three samples in no environment
+    losses = (crl(h, t) @ w - y) ** 2
+    kept = e >= 0
+    irm_kept = hand_irm(crl, h[kept], w, y[kept], t[kept], e[kept])
+    torch.testing.assert_close(crl.invariance(losses, t, e), irm_kept)
+    torch.testing.assert_close(crl.invariance(losses[kept], t[kept], e[kept]), irm_kept)
+    assert irm_kept > 0
+
+
+def test_task_with_no_environment_adds_zero():
+    crl, h, w, y, t, _ = regression_setup(n_envs=2)
+    e = torch.where(t == 2, -1, torch.tensor([0, 1, 0, 1, 0, 1, 0, 1, 0, 1]))   # task 2: none
+    losses = (crl(h, t) @ w - y) ** 2
+    pen = crl.invariance(losses, t, e)
+    irm = hand_irm(crl, h, w, y, t, e)                      # tasks 0 and 1 only
+    torch.testing.assert_close(pen, irm)
+    pen.backward()
+    assert crl.G.grad[2].abs().sum() == 0 and crl.G.grad[:2].abs().min() > 0
+    crl.G.grad = None
+    assert crl.invariance((crl(h, t) @ w - y) ** 2, t, torch.full_like(t, -1)) == 0
+
+
+def test_env_ids_out_of_range_raise():
+    crl, h, w, y, t, e = regression_setup(n_envs=2)         # envs 0 and 1 (and -1)
+    losses = (crl(h, t) @ w - y) ** 2
+    crl.invariance(losses, t, torch.where(e == 2, -1, e))   # in range: fine
+    for bad in (2, -2):
+        with pytest.raises(RuntimeError, match=r"env_ids must be in \[-1, 1\]"):
+            crl.invariance(losses, t, torch.where(e == 2, bad, e))
+
+
+def test_task_ids_out_of_range_raise():
+    crl = MTCRL(8, 2, 4)
+    h = torch.randn(3, 5, 8)
+    for bad in (2, -1):
+        with pytest.raises(RuntimeError, match=r"task_ids must be in \[0, 1\]"):
+            crl(h, torch.tensor([0, bad, 1]))
+        losses = crl(h, torch.tensor([0, 1, 1])).square().mean((1, 2))
+        with pytest.raises(RuntimeError, match=r"task_ids must be in \[0, 1\]"):
+            crl.invariance(losses, torch.tensor([0, bad, 1]), torch.tensor([0, 1, 0]))
+
+
+def test_no_host_read_in_training_step_calls(monkeypatch):
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        orig = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _orig=orig, _name=name, **kw):
+            reads.append(_name)
+            return _orig(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    crl = random_graph(MTCRL(d=16, n_tasks=3, n_modules=4, n_envs=2))
+    h = torch.randn(6, 5, 16, requires_grad=True)
+    t, e = torch.tensor([0, 1, 2, 0, 1, 2]), torch.tensor([0, 1, -1, 1, 0, -1])
+    mask = torch.rand(6, 5) > 0.3
+    out = crl(h, t)
+    losses = out.square().mean((1, 2))
+    loss = (losses.mean() + crl.decorrelation(h, mask) + crl.decorrelation(h) + crl.sparsity()
+            + crl.invariance(losses, t, e))
+    loss.backward()
+    monkeypatch.undo()
+    assert reads == [] and crl.G.grad.abs().sum() > 0
 
 
 def test_warmup_weight_schedule():
@@ -207,12 +266,12 @@ def test_warmup_weight_schedule():
     assert warmup_weight(49, 100, 1, warmup=0.5) == 0 and warmup_weight(50, 100, 1, 0.5) == 1.0
 
 
-@pytest.mark.parametrize("args, msg", [((5, 100, 1.0), None), ((-1, 100, 1.0), "step"),
-                                       ((101, 100, 1.0), "step"), ((1.5, 100, 1.0), "step"),
-                                       ((0, 0, 1.0), "total_steps"), ((0, 10, -1.0), "weight"),
-                                       ((0, 10, float("inf")), "weight"),
-                                       ((0, 10, 1.0, 1.5), "warmup"),
-                                       ((0, 10, 1.0, -0.1), "warmup")])
+@pytest.mark.parametrize("args, msg", [((5, 100, 1.0), None), ((-1, 100, 1.0), "step=-1"),
+                                       ((101, 100, 1.0), "step=101"), ((0, 10, -1.0), "weight=-1"),
+                                       ((0, 10, float("inf")), "weight=inf"),
+                                       ((0, 10, float("nan")), "weight=nan"),
+                                       ((0, 10, 1.0, 1.5), "warmup=1.5"),
+                                       ((0, 10, 1.0, -0.1), "warmup=-0.1")])
 def test_warmup_weight_bad_inputs(args, msg):
     if msg is None:
         warmup_weight(*args)
@@ -221,9 +280,11 @@ def test_warmup_weight_bad_inputs(args, msg):
         warmup_weight(*args)
 
 
-@pytest.mark.parametrize("kw, msg", [(dict(d=10, n_modules=4), "10 % 4"),
-                                     (dict(n_modules=0), "n_modules"),
-                                     (dict(n_tasks=0), "n_tasks"), (dict(d=8.0), "d must")])
+@pytest.mark.parametrize("kw, msg", [(dict(d=10, n_modules=4), "n_modules dividing d"),
+                                     (dict(n_modules=0), "'n_modules': 0"),
+                                     (dict(n_tasks=0), "'n_tasks': 0"), (dict(d=8.0), "'d': 8.0"),
+                                     (dict(n_envs=0), "'n_envs': 0"),
+                                     (dict(n_envs=True), "'n_envs': True")])
 def test_constructor_bad_inputs(kw, msg):
     with pytest.raises(ValueError, match=msg):
         MTCRL(**(dict(d=8, n_tasks=2, n_modules=4) | kw))
@@ -232,31 +293,29 @@ def test_constructor_bad_inputs(kw, msg):
 def test_call_bad_inputs():
     crl = MTCRL(8, 2, 4)
     h, t, e = torch.randn(3, 5, 8), torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1])
-    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
-        crl(h, torch.tensor([0, 2, 1]))
-    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
-        crl(h, torch.tensor([0, -1, 1]))
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=r"task_ids must be an integer tensor of shape \(3,\)"):
         crl(h, torch.tensor([[0, 1, 1]]))
     with pytest.raises(ValueError, match="shape"):
         crl(h, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="integer"):
         crl(h, torch.tensor([0.0, 1.0, 1.0]))
-    with pytest.raises(ValueError, match="d = 8"):
+    with pytest.raises(ValueError, match="integer"):             # uint8 would index as a mask
+        crl(h, torch.tensor([0, 1, 1], dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="unflatten"):         # torch's own message names d
         crl(torch.randn(3, 5, 6), t)
-    with pytest.raises(ValueError, match="mask"):
+    with pytest.raises(RuntimeError, match="expanded size"):
         crl.decorrelation(h, torch.ones(3, 4, dtype=torch.bool))
     losses = (crl(h, t) ** 2).mean((1, 2))
-    with pytest.raises(ValueError, match="env_ids"):
+    with pytest.raises(ValueError, match=r"env_ids must be an integer tensor of shape \(3,\)"):
         crl.invariance(losses, t, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="env_ids"):
         crl.invariance(losses, t, torch.tensor([0.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match="per-sample"):
         crl.invariance((crl(h, t) ** 2).mean(-1), t, e)
-    with pytest.raises(ValueError, match=r"task_ids must have shape \(B,\) = \(2,\)"):
+    with pytest.raises(ValueError, match=r"task_ids must be an integer tensor of shape \(2,\)"):
         crl.invariance(losses[:2], t, e)
-    with pytest.raises(ValueError, match="kind"):
-        crl.invariance(losses, t, e, kind="vrex")
+    with pytest.raises(TypeError, match="kind"):                # the risk-variance option is gone
+        crl.invariance(losses, t, e, kind="var")
 
 
 def test_docstring_usage_runs():
