@@ -1,14 +1,17 @@
 """Median training-step time of each method on train.py's model, in one process.
 
-    python benchmarks/step_time.py                      # every method, default model (width 64)
+    python benchmarks/step_time.py                        # every method, default model (width 64)
+    python benchmarks/step_time.py --compile              # also torch.compile'd, against eager
     python benchmarks/step_time.py --methods full,lora,peft --widths 64,128,256,512   # + HF peft
 
-A step is forward + backward + AdamW on one fixed mixed-task batch, built and run exactly as
-train.py does (its build_model, logits_for and regularizer, each method's default flags, all at
-the same --rank; spurious is timed after its invariance warm-up). hydra = multihead, mlora =
-multihead --no-router, align-mmd = align --align-loss mmd. Methods are timed in interleaved
-rounds (every round times each method once for --steps steps) so drift in the machine's speed
-hits all of them alike; the figure is the median over rounds, and the ratio is to lora's.
+A step is forward + backward + AdamW on one fixed mixed-task batch, built and run as train.py
+does (its build_model and regularizer, each method's default flags, all at the same --rank;
+spurious is timed after its invariance warm-up). hydra = multihead, mlora = multihead
+--no-router, align-mmd = align --align-loss mmd. The methods are timed in interleaved rounds
+(each round times every method once for --steps steps), so a change in the machine's speed hits
+them all alike; the figure is the median over rounds, the ratio is to lora's. Compiled steps are
+warmed up (compiled) first; the cold compile time is printed apart. Never calls
+torch.set_num_threads: on CPU even setting the default slows the fused attention kernel 2-3x.
 """
 import argparse
 import os
@@ -22,63 +25,72 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train  # noqa: E402
 
-TARGETS = ["q", "k", "v", "o", "up", "down"]
 FLAGS = {"hydra": ["--method", "multihead"], "mlora": ["--method", "multihead", "--no-router"],
          "align-mmd": ["--method", "align", "--align-loss", "mmd"]}
 
 
-def build(method, base, width, args):
-    """(model, train-style args, extra loss) for one method, on a copy of the base weights."""
+def stepper(method, base, args, compiled):
+    """One training step of `method` as a function, on a fresh copy of the base weights."""
+    targs = train.get_args(FLAGS.get(method, ["--method", "lora" if method == "peft" else method]) + [
+        "--width", str(base.config.width), "--layers", str(args.layers), "--batch", str(args.batch),
+        "--device", args.device] + (["--rank", str(args.rank)] if method != "full" else []))
+    tasks = train.SUITES["default"]
+    batch = train.make_batch(tasks, args.batch, seed=0, device=args.device)
     if method == "peft":
         import peft
-        model = train.GPT(base.config)
-        model.load_state_dict(base.state_dict())
-        cfg = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS,
-                              lora_dropout=0.0)
-        return peft.get_peft_model(model, cfg), None, None
-    targs = train.get_args(FLAGS.get(method, ["--method", method]) + [
-        "--rank", str(args.rank), "--width", str(width), "--layers", str(args.layers),
-        "--batch", str(args.batch), "--device", "cpu"])
-    model = train.build_model(targs, base.state_dict(), len(train.SUITES["default"]))
-    return model, targs, train.regularizer(model, targs, targs.steps)
-
-
-def stepper(model, targs, extra, batch):
+        gpt = train.GPT(base.config)
+        gpt.load_state_dict(base.state_dict())
+        peft.get_peft_model(gpt, peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0,
+                                                 target_modules=["q", "k", "v", "o", "up", "down"]))
+        model, extra = train.TaskModel(gpt), None
+    else:
+        model = train.build_model(targs, base.state_dict())
+        extra = train.regularizer(model, targs, tasks, targs.steps)
+    model = model.to(args.device)
+    fwd = torch.compile(model) if compiled else model
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
-    step_no = targs.steps - 1 if targs else 0                  # after any warm-up
+    autocast = torch.autocast(args.device, torch.bfloat16, enabled=targs.autocast == "bf16")
 
     def step():
-        if targs is None:                                      # peft: a plain forward
-            logits, h = model(batch["idx"]), None
-        else:
-            logits, h = train.logits_for(model, batch["idx"], batch["task"])
-        loss = F.cross_entropy(logits.flatten(0, 1), batch["targets"].flatten())
+        with autocast:
+            logits, h = fwd(batch["idx"], batch["task"])
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten())
         if extra is not None:
-            loss = loss + extra(step_no, batch, logits, h)
+            loss = loss + extra(targs.steps - 1, batch, logits, h)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     return step
 
 
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 def time_methods(methods, width, args):
-    cfg = train.GPTConfig(block=2 * 8 + 1, width=width, layers=args.layers, heads=4)
     torch.manual_seed(0)
-    base = train.GPT(cfg)
-    batch = train.make_batch(train.SUITES["default"], args.batch, seed=0)
-    steps = {m: stepper(*build(m, base, width, args), batch) for m in methods}
-    times = {m: [] for m in methods}
-    for s in steps.values():                       # warm-up
-        for _ in range(3):
-            s()
+    base = train.GPT(train.GPTConfig(width=width, layers=args.layers))
+    runs = [(m, c) for m in methods for c in ([False, True] if args.compile else [False])]
+    steps, cold = {}, {}
+    for m, c in runs:
+        steps[m, c] = stepper(m, base, args, c)
+        t0 = time.perf_counter()
+        for _ in range(3):                         # warm-up (and, compiled, the compile)
+            steps[m, c]()
+        sync(args.device)
+        cold[m, c] = time.perf_counter() - t0
+    times = {r: [] for r in runs}
     for _ in range(args.rounds):
-        for m, s in steps.items():
+        for r in runs:
+            sync(args.device)
             t0 = time.perf_counter()
             for _ in range(args.steps):
-                s()
-            times[m].append((time.perf_counter() - t0) / args.steps)
-    return {m: statistics.median(t) for m, t in times.items()}
+                steps[r]()
+            sync(args.device)
+            times[r].append((time.perf_counter() - t0) / args.steps)
+    return {r: statistics.median(t) for r, t in times.items()}, cold
 
 
 def main():
@@ -91,16 +103,24 @@ def main():
     p.add_argument("--steps", type=int, default=10, help="steps per round and method")
     p.add_argument("--methods", default="full,lora,hydra,mlora,mtl,align,align-mmd,spurious",
                    help="comma-separated; peft = HF peft's LoRA (pip install peft)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true", help="also time each method torch.compile'd")
     args = p.parse_args()
     methods = args.methods.split(",")
     if "lora" not in methods:
         p.error("--methods must include lora (the ratios are to lora)")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, "
+    name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {os.cpu_count()} cores"
+    print(f"torch {torch.__version__}, {name}, {torch.get_num_threads()} threads, batch {args.batch}, "
           f"rank {args.rank}, {args.layers} layers; median ms/step over {args.rounds} rounds")
     for w in [int(x) for x in args.widths.split(",")]:
-        t = time_methods(methods, w, args)
-        print(f"width {w}:" + "".join(f"  {m} {1e3 * t[m]:.2f} ms ({t[m] / t['lora']:.2f}x)"
-                                      for m in methods), flush=True)
+        t, cold = time_methods(methods, w, args)
+        print(f"width {w}, eager:" + "".join(f"  {m} {1e3 * t[m, False]:.2f} ms "
+                                             f"({t[m, False] / t['lora', False]:.2f}x)" for m in methods))
+        if args.compile:
+            print(f"width {w}, compiled:" + "".join(f"  {m} {1e3 * t[m, True]:.2f} ms "
+                                                    f"({t[m, True] / t[m, False]:.2f}x eager)" for m in methods))
+            print(f"width {w}, cold compile (s):" + "".join(f"  {m} {cold[m, True]:.0f}" for m in methods))
+        sys.stdout.flush()
 
 
 if __name__ == "__main__":

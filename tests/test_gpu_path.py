@@ -1,0 +1,86 @@
+"""What a GPU run does, checked on the CPU: bf16 autocast through every method, no host read of
+a tensor value in a training step, and torch.compile of a step."""
+import os
+import sys
+
+import pytest
+import torch
+
+import multihead_lora
+import mtl_lora
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ["full", "lora", "multihead", "multihead --no-router", "multihead --no-router --init offset",
+           "mtl", "align", "align --align-loss mmd", "spurious"]
+
+
+def tiny(method, extra=""):
+    args = train.get_args(f"--method {method} --width 16 --layers 1 --attn-heads 2 --batch 32 "
+                          f"--warmup 2 --device cpu {extra}".split())
+    torch.manual_seed(0)
+    model = train.build_model(args, train.GPT(train.model_config(args)).state_dict())
+    return args, model, train.regularizer(model, args, train.SUITES["default"], 60)
+
+
+def project_reads(monkeypatch):
+    """Count .item() / .tolist() / bool() / int() / float() / index use of a tensor by the
+    project's own code (train.py and the method files; not torch's, not the tests')."""
+    counts = [0]
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        real = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, _real=real, **kw):
+            f = sys._getframe(1).f_code.co_filename
+            counts[0] += f.startswith(ROOT) and os.sep + "tests" + os.sep not in f
+            return _real(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    return counts
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_no_host_read_in_a_training_step(method, monkeypatch):
+    """Reads per step, from two runs of different length: at most the loss read every 25 steps."""
+    reads = {}
+    for steps in (10, 60):
+        args, model, extra = tiny(method, "--invariance-warmup 0" if method == "spurious" else "")
+        counts = project_reads(monkeypatch)
+        train.train(model, args, train.SUITES["default"], steps, args.lr, method, extra=extra)
+        reads[steps] = counts[0]
+        monkeypatch.undo()
+    assert (reads[60] - reads[10]) / 50 <= 1 / 25, reads
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_autocast_on_cpu_runs_what_a_gpu_runs(method):
+    args, model, extra = tiny(method, "--autocast bf16")
+    assert args.autocast == "bf16"
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    _, losses = train.train(model, args, train.SUITES["default"], 3, args.lr, method, extra=extra)
+    assert losses and all(torch.isfinite(torch.tensor(v)) for _, v in losses)
+    for n, p in model.named_parameters():
+        if n in trainable:                               # fp32 weights, updated under bf16 compute
+            assert p.dtype == torch.float32 and not torch.equal(p, trainable[n]), n
+    b = train.make_batch(train.SUITES["default"], 8, seed=0)
+    with torch.autocast("cpu", torch.bfloat16):
+        logits, h = model(b["idx"], b["task"])
+        assert logits.dtype == torch.bfloat16
+        if method == "multihead":
+            with multihead_lora.record_routing(model.gpt) as rec:
+                model(b["idx"], b["task"])
+            assert all(w.dtype == torch.float32 for w in rec.values())      # fp32 router softmax
+        if method == "mtl":
+            assert all(p.dtype == torch.float32 for p in mtl_lora.mixing_weights(model.gpt).values())
+        if extra is not None:                            # align's statistics, MT-CRL's penalties
+            assert extra(59, b, logits, h).dtype == torch.float32
+
+
+def test_compile_traces_a_training_step_without_graph_breaks():
+    """--compile: every method's forward traces as one graph (dynamo only: no code generation)."""
+    import torch._dynamo
+    for method in ["lora", "multihead", "mtl", "spurious"]:
+        args, model, _ = tiny(method)
+        b = train.make_batch(train.SUITES["default"], 8, seed=0)
+        torch._dynamo.reset()
+        fwd = torch.compile(model, backend="eager", fullgraph=True)
+        torch.testing.assert_close(fwd(b["idx"], b["task"])[0], model(b["idx"], b["task"])[0])
