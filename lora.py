@@ -80,7 +80,8 @@ class LoRALinear(nn.Module):
     def delta_weight(self, A=None, B=None):                         # s B A: (d_out, d_in), fp32
         A = self.lora_A.weight if A is None else A
         B = self.lora_B.weight if B is None else B
-        return self.scaling * (B.float() @ A.float())
+        dW = self.scaling * (B.float() @ A.float())
+        return dW.to(self.base.weight.device)             # `folded` may sit elsewhere after .to()
 
     @torch.no_grad()
     def merge(self):

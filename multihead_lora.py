@@ -140,7 +140,8 @@ class MultiHeadLoRALinear(nn.Module):
         if A is None:
             A, B, A0, B0 = self.lora_A.weight, self.lora_B, self.lora_A0, self.lora_B0
         dW = B.float().mean(0) @ A.float()                                # (d_out, d_in)
-        return self.scaling * (dW if A0 is None else dW - B0.float() @ A0.float())
+        dW = self.scaling * (dW if A0 is None else dW - B0.float() @ A0.float())
+        return dW.to(self.base.weight.device)             # `folded` may sit elsewhere after .to()
 
     @torch.no_grad()
     def merge(self):
