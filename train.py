@@ -475,58 +475,55 @@ def evaluate(model, args, tasks):
 
 @torch.no_grad()
 def examples(model, args, tasks, k=2):
-    """A few test samples per task: the input, the expected answer and the model's."""
+    """k test samples per task: the input, the expected answer and the model's."""
     b = batch_for(args, tasks, k * len(tasks), "test")
-    pred = model(b["idx"], b["task"])[0].argmax(-1)
-    lines = []
-    for i, t in enumerate(b["task"].tolist()):
-        want = b["clean"][i, L:].tolist()
-        got = [p for p, w in zip(pred[i, L:].tolist(), want) if w != -100]
-        want = [w for w in want if w != -100]
-        lines.append(f"  {tasks[t]:<10} {' '.join(map(str, b['idx'][i, 1:L + 1].tolist()))}  ->  "
-                     f"{' '.join(map(str, want))}   model: {' '.join(map(str, got))}"
-                     f"{'' if got == want else '   (wrong)'}")
-    return "examples (test draw: input -> expected answer, the model's answer):\n" + "\n".join(sorted(lines))
+    pred, lines = model(b["idx"], b["task"])[0].argmax(-1), []
+    for i in b["task"].argsort(stable=True).tolist():
+        keep = b["clean"][i] != -100                                     # the answer tokens
+        want, got = b["clean"][i][keep].tolist(), pred[i][keep].tolist()
+        lines.append(f"  {tasks[b['task'][i]]:<10} {' '.join(map(str, b['idx'][i, 1:L + 1].tolist()))}"
+                     f"  ->  {' '.join(map(str, want))}   model: {' '.join(map(str, got))}"
+                     + ("" if got == want else "   (wrong)"))
+    return "examples (test draw: input -> expected answer, the model's answer):\n" + "\n".join(lines)
 
 
 @torch.no_grad()
 def diagnostics(model, args, tasks):
-    """What the method learned: multi-head LoRA's head similarity and routing (task x head),
-    MTL-LoRA's p_t (task x up-projection), MT-CRL's graph (task x module); layer means."""
-    def table(title, cols, m):
-        return "\n".join([title, f"{'':<12}" + "".join(f"{c:>8}" for c in cols)] +
-                         [f"{t:<12}" + "".join(f"{v:>8.3f}" for v in row) for t, row in zip(tasks, m.tolist())])
-    text, out = [], {}
+    """What the method learned (layer means): multi-head LoRA's head similarity and routing (task x
+    head), MTL-LoRA's p_t (task x up-projection), MT-CRL's graph (task x module)."""
+    out = {}
     if args.method == "multihead":
-        sim = multihead_lora.head_similarity(model.gpt)
-        out["head_similarity"] = {k: None if math.isnan(v) else v for k, v in sim.items()}  # strict JSON
-        v = torch.tensor(list(sim.values()))
-        text.append(f"head similarity (mean off-diagonal cosine of the flattened B_i, per layer): "
-                    f"mean {v.nanmean():.3f}, min {v.min():.3f}, max {v.max():.3f}")
+        sim = multihead_lora.head_similarity(model.gpt)                 # nan: undefined
+        out["head_similarity"] = {k: None if math.isnan(v) else v for k, v in sim.items()}
         if not args.no_router:
             b = batch_for(args, tasks, 200 * len(tasks), "test")
             with multihead_lora.record_routing(model.gpt) as rec:
                 model(b["idx"], b["task"])
-            m = multihead_lora.routing_table(rec, b["task"], len(tasks), b["idx"] != PAD)
-            out["routing"] = m.tolist()
-            text.append(table("mean routing weight, task x head:", [f"B_{i}" for i in range(m.shape[1])], m))
+            out["routing"] = multihead_lora.routing_table(rec, b["task"], len(tasks), b["idx"] != PAD).tolist()
     if args.method == "mtl":
-        p = torch.stack(list(mtl_lora.mixing_weights(model.gpt).values())).mean(0)   # (T, n)
-        out["mixing_weights"] = p.tolist()
-        text.append(table(f"p_t = softmax(w_t / {args.temperature}), task x up-projection:",
-                          [f"B_{i}" for i in range(p.shape[1])], p))
+        out["mixing_weights"] = torch.stack(list(mtl_lora.mixing_weights(model.gpt).values())).mean(0).tolist()
     if model.crl is not None:
-        out["graph"] = (g := model.crl.gates()).tolist()
-        text.append(table("MT-CRL graph g = sigmoid(G), task x module:", [f"h_{k}" for k in range(g.shape[1])], g))
+        out["graph"] = model.crl.gates().tolist()
+    text = []
+    if "head_similarity" in out:
+        v = torch.tensor(list(sim.values()))
+        text.append(f"head similarity (mean pairwise cosine of the flattened B_i, per layer): mean "
+                    f"{v.nanmean():.3f}, min {v.min():.3f}, max {v.max():.3f}")
+    for key, title in [("routing", "mean routing weight, task x head B_i"),
+                       ("mixing_weights", f"p_t = softmax(w_t / {args.temperature}), task x up-projection B_i"),
+                       ("graph", "MT-CRL graph g = sigmoid(G), task x module h_k")]:
+        if key in out:
+            text += [title + ":"] + [f"  {t:<12}" + "".join(f"{v:8.3f}" for v in row)
+                                     for t, row in zip(tasks, out[key])]
     return "\n".join(text), out
 
 
 def report(acc, tasks):
     lines = [f"{'task':<12}{'val':>8}{'test':>8}{'shifted':>9}"]
-    for t in tasks + (["shortcut"] if "has7" in tasks else []):
+    for t in tasks + ["shortcut"] * ("has7" in tasks):
         shift = f"{acc['shift'][t]:>9.1%}" if t in ("has7", "shortcut") else f"{'-':>9}"
         lines.append(f"{t:<12}{acc['val'][t]:>8.1%}{acc['test'][t]:>8.1%}{shift}")
-    return "\n".join(lines) + ("\n(shortcut: has7 answered from the first digit alone)" if "has7" in tasks else "")
+    return "\n".join(lines + ["(shortcut: has7 answered from the first digit alone)"] * ("has7" in tasks))
 
 # ----------------------------------------------------------------------------- main
 
@@ -609,8 +606,9 @@ def run(args, reuse=False):
     try:                                                  # every check before the long part
         for d in (run_dir, os.path.dirname(args.base) or "."):
             os.makedirs(d, exist_ok=True)
-            open(os.path.join(d, ".writable"), "w").close()
-            os.remove(os.path.join(d, ".writable"))
+            probe = os.path.join(d, f".writable{RANK}")            # one per process: no race
+            open(probe, "w").close()
+            os.remove(probe)
     except OSError as e:
         raise SystemExit(f"error: cannot write the run folder or the base: {e}")
     if os.path.exists(done):

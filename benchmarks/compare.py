@@ -44,7 +44,9 @@ class Runner:
                   f"{(time.perf_counter() - self.t0) / 60:.1f} min so far{left}", flush=True)
             t, args = time.perf_counter(), train.get_args(self.common + (self.adapter if adapter else [])
                                                           + flags + ["--seed", str(seed)])
-            fresh = not os.path.exists(os.path.join(args.out, args.name, "metrics.json"))
+            run_dir = os.path.join(args.out, args.name)
+            fresh = not os.path.exists(os.path.join(run_dir, "metrics.json"))
+            args.resume = fresh and os.path.exists(os.path.join(run_dir, "ckpt.pt"))   # interrupted
             self.results.setdefault(label, []).append(train.run(args, reuse=True))
             if fresh and flags[1] != "none":                    # for the time left
                 self.trained.append(time.perf_counter() - t)

@@ -1,4 +1,8 @@
 import itertools
+import os
+import sys
+import textwrap
+import time
 
 import pytest
 import torch
@@ -21,9 +25,9 @@ class Probe(nn.Module):
         return [layer["lora_A"](z) for layer, z in zip(self.layers, zs)]
 
 
-def loss_of(zs, ids, mask=None, **kw):
+def loss_of(zs, ids, mask=None, n_tasks=4, **kw):
     probe = Probe(len(zs))
-    with align_lora.AlignmentLoss(probe, **kw) as align:
+    with align_lora.AlignmentLoss(probe, n_tasks, **kw) as align:
         probe(*zs)
         return align(ids, mask)
 
@@ -176,7 +180,7 @@ def test_gradients_reach_only_lora_A_and_captures_are_cleared():
     torch.manual_seed(0)
     model = Tiny()
     lora.add_lora(model, targets=["q", "up", "down"], r=4, dropout=0.1)
-    align = align_lora.AlignmentLoss(model)
+    align = align_lora.AlignmentLoss(model, 3)
     assert align.names == [f"blocks.{i}.{t}.lora_A" for i in range(2) for t in ["q", "up", "down"]]
     model(torch.randn(6, 5, 12))
     assert len(align._z) == 6
@@ -198,15 +202,15 @@ def test_remove_and_context_manager_leave_no_hooks():
         return sum(len(x._forward_hooks) for x in m.modules())
     model = Tiny()
     lora.add_lora(model, targets=["q", "down"], r=2)
-    align = align_lora.AlignmentLoss(model)
+    align = align_lora.AlignmentLoss(model, 2)
     assert hooks(model) == 4
     align.remove()
     align.remove()                                              # idempotent
     model(torch.randn(2, 3, 12))
     assert hooks(model) == 0 and not align._z
-    with pytest.raises(ValueError, match="hooks were removed"):
+    with pytest.raises(ValueError, match="build a new AlignmentLoss"):
         align(torch.tensor([0, 1]))
-    with align_lora.AlignmentLoss(model) as align:
+    with align_lora.AlignmentLoss(model, 2) as align:
         model(torch.randn(2, 3, 12))
         assert hooks(model) == 4 and len(align._z) == 4
     assert hooks(model) == 0 and not align._z
@@ -217,17 +221,17 @@ def test_remove_and_context_manager_leave_no_hooks():
 @pytest.mark.parametrize("ids, mask, msg", [
     (torch.tensor([0.0, 1, 0, 1]), None, "integer tensor"),
     ([0, 1, 0, 1], None, "integer tensor"),
-    (torch.tensor([0, 1, 0]), None, "does not fit 3 task ids"),
-    (torch.tensor([0, 1, 0, 1, 0, 1]), torch.ones(6, 2, dtype=torch.bool), "does not fit"),
+    (torch.tensor([0, 1, 0]), None, "do not fit 3 task ids"),
+    (torch.tensor([0, 1, 0, 1, 0, 1]), torch.ones(6, 2, dtype=torch.bool), "do not fit"),
     (torch.tensor([[0, 1, 0, 1]]), None, "shape"),
     (torch.tensor([], dtype=torch.long), None, "B >= 1"),
-    (torch.tensor([0, -1, 0, 1]), None, ">= 0"),
-    (torch.tensor([0, 1, 0, 1]), torch.ones(4, 3), "bool"),
-    (torch.tensor([0, 1, 0, 1]), torch.ones(4, 2, dtype=torch.bool), "shape"),
-    (torch.tensor([0, 1, 0, 1]), torch.ones(4, dtype=torch.bool), "shape")])
+    (torch.tensor([0, 1, 0, 1]), torch.ones(4, 3), "bool mask"),
+    (torch.tensor([0, 1, 0, 1]), [[True] * 3] * 4, "bool mask"),
+    (torch.tensor([0, 1, 0, 1]), torch.ones(4, 2, dtype=torch.bool), "do not fit"),
+    (torch.tensor([0, 1, 0, 1]), torch.ones(4, dtype=torch.bool), "do not fit")])
 def test_bad_call_inputs_raise(ids, mask, msg):
     probe = Probe()
-    align = align_lora.AlignmentLoss(probe)
+    align = align_lora.AlignmentLoss(probe, 2)
     probe(torch.randn(4, 3, 2))
     with pytest.raises(ValueError, match=msg):
         align(ids, mask)
@@ -235,17 +239,20 @@ def test_bad_call_inputs_raise(ids, mask, msg):
 
 def test_bad_construction_and_outputs_raise():
     with pytest.raises(ValueError, match="add adapters first"):
-        align_lora.AlignmentLoss(Tiny())
+        align_lora.AlignmentLoss(Tiny(), 2)
     for kw, msg in [(dict(kind="cos"), "kind"), (dict(eps=0), "eps"), (dict(max_tokens=1), "max_"),
-                    (dict(bandwidths=[1.0, -1.0]), "bandwidths")]:
+                    (dict(bandwidths=[1.0, -1.0]), "bandwidths"), (dict(eps=float("nan")), "eps"),
+                    (dict(bandwidths=[float("inf")]), "bandwidths"), (dict(bandwidths=[]), "bandw"),
+                    (dict(n_tasks=1), "n_tasks"), (dict(n_tasks=2.0), "n_tasks"),
+                    (dict(n_tasks="2"), "n_tasks")]:
         with pytest.raises(ValueError, match=msg):
-            align_lora.AlignmentLoss(Probe(), **kw)
-    for zs, msg in [([torch.randn(4, 3, 2), torch.randn(4, 5, 2)], "disagree"),
-                    ([torch.randn(4)], "does not fit"),
-                    ([torch.randn(12, 2)], "also needs the mask"),       # flat tokens, no mask
-                    ([(torch.randn(4, 3, 2),)], "not a tensor")]:
+            align_lora.AlignmentLoss(Probe(), **{"n_tasks": 2, **kw})
+    for zs, msg in [([torch.randn(4, 3, 2), torch.randn(4, 5, 2)], "same L"),   # layers disagree
+                    ([torch.randn(4)], "do not fit"),
+                    ([torch.randn(12, 2)], "with mask"),                 # flat tokens, no mask
+                    ([(torch.randn(4, 3, 2),)], r"\[\(\)\] do not fit")]:      # not a tensor
         probe = Probe(len(zs))
-        align = align_lora.AlignmentLoss(probe)
+        align = align_lora.AlignmentLoss(probe, 2)
         probe(*zs)
         with pytest.raises(ValueError, match=msg):
             align(torch.zeros(4, dtype=torch.long))
@@ -277,7 +284,7 @@ def test_works_with_every_adapter_file(adapter, kind):
     x[ids == 1] += 2.0                                       # tasks see different inputs
     mask = torch.ones(6, 7, dtype=torch.bool)
     mask[:, 5:] = False
-    with align_lora.AlignmentLoss(model, kind=kind) as align:
+    with align_lora.AlignmentLoss(model, 3, kind=kind) as align:
         assert len(align.names) == 6
         if adapter == "mtl":
             with mtl_lora.task_ids(model, ids):
@@ -289,3 +296,119 @@ def test_works_with_every_adapter_file(adapter, kind):
     loss.backward()
     A = [m.lora_A.weight for m in model.modules() if hasattr(m, "lora_A")]
     assert len(A) == 6 and all(a.grad is not None and a.grad.abs().sum() > 0 for a in A)
+
+
+AUTHORS_SIGMAS = [1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 1, 5, 10, 15, 20, 25, 30, 35, 100,
+                  1e3, 1e4, 1e5, 1e6]                           # Align-LoRA's custom.py
+
+
+def test_default_bandwidths_are_the_authors():
+    assert align_lora.BANDWIDTHS == tuple(float(s) for s in AUTHORS_SIGMAS)
+    import inspect
+    assert inspect.signature(align_lora.AlignmentLoss).parameters["bandwidths"].default == \
+        align_lora.BANDWIDTHS
+
+
+@pytest.mark.parametrize("kind", align_lora.KINDS)
+@pytest.mark.parametrize("ids", [[0, 1_000_000], [0, 2], [0, -1], [-(2 ** 40), 1]])
+def test_out_of_range_ids_raise_at_once_without_allocating(kind, ids):
+    """The statistics are sized by n_tasks: a huge id is refused by the device-side assert
+    before anything is sized by it (the old code built a one-hot over the largest id)."""
+    probe = Probe()
+    align = align_lora.AlignmentLoss(probe, n_tasks=2, kind=kind)
+    probe(torch.randn(2, 3, 4))
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match=r"task ids must be in \[0, n_tasks=2\)"):
+        align(torch.tensor(ids))
+    assert time.perf_counter() - t0 < 0.5
+
+
+@pytest.mark.parametrize("kind", align_lora.KINDS)
+def test_statistics_sized_by_n_tasks(kind):
+    """Tasks that are not in the batch take part in no pair: n_tasks changes nothing."""
+    torch.manual_seed(0)
+    zs, ids = [torch.randn(6, 4, 3)], torch.tensor([0, 1, 0, 1, 0, 1])
+    ref = loss_of(zs, ids, n_tasks=2, kind=kind)
+    torch.testing.assert_close(loss_of(zs, ids, n_tasks=50, kind=kind), ref)
+    torch.testing.assert_close(loss_of(zs, ids + 7, n_tasks=9, kind=kind), ref)
+
+
+def test_fused_kernel_sum_equals_plain_formula_values_and_gradients(monkeypatch):
+    """The fused k = sum_s exp(-d2 / (2 sigma_s)) against the 19 separate kernels in float64, on
+    a d2 with exact zeros (repeated tokens) and very large values (far tokens), over several
+    blocks that do not divide m."""
+    monkeypatch.setattr(align_lora, "BLOCK", 3 * 7 * 7)        # 7 x 7 blocks of a 40 x 40 d2
+    torch.manual_seed(0)
+    z = torch.randn(3, 40, 4) * torch.tensor([1e-3, 0.3, 3.0])[:, None, None]
+    z[:, 10:15] = z[:, 3:4]                                     # repeated tokens: d2 = 0
+    z[:, 30:] *= torch.tensor([1.0, 10.0, 1e3, 1e5])            # far tokens: d2 up to ~1e11
+    d2 = torch.cdist(z, z, compute_mode="donot_use_mm_for_euclid_dist").square().requires_grad_()
+    W = torch.tensor([[1.0] * 19, [-1 / (2 * s) for s in AUTHORS_SIGMAS]])
+    k = align_lora._KernelSum.apply(d2, W)
+    d64 = d2.detach().double().requires_grad_()
+    k64 = sum(torch.exp(-d64 / (2 * s)) for s in AUTHORS_SIGMAS)
+    assert (d2 == 0).sum() > 3 * 40 and d2.max() > 1e10
+    torch.testing.assert_close(k.double(), k64, rtol=1e-6, atol=1e-6)
+    grad_k = torch.randn(3, 40, 40)
+    k.backward(grad_k)
+    k64.backward(grad_k.double())
+    g64 = d64.grad
+    torch.testing.assert_close(d2.grad.double(), g64, rtol=1e-5, atol=1e-6 * g64.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", align_lora.KINDS)
+def test_loss_gradient_equals_plain_autograd_reference(kind):
+    """d L_align / d z of the whole loss against the float64 loop reference's autograd."""
+    torch.manual_seed(0)
+    zs = [torch.randn(7, 5, 3, dtype=torch.float64) * 2 + 1, torch.randn(7, 5, 2).double()]
+    zs[0][1, :2] = zs[0][0, :2]                                 # repeated tokens
+    ids, mask = torch.tensor([2, 0, 1, 2, 0, 3, 1]), torch.rand(7, 5) > 0.3
+    mask[:, 0] = True
+    ref_z = [z.clone().requires_grad_() for z in zs]
+    (kl_reference if kind == "kl" else mmd_reference)(ref_z, ids, mask).backward()
+    our_z = [z.float().requires_grad_() for z in zs]
+    loss_of(our_z, ids, mask, kind=kind).backward()
+    for ours, ref in zip(our_z, ref_z):
+        torch.testing.assert_close(ours.grad.double(), ref.grad, rtol=1e-4,
+                                   atol=1e-5 * ref.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("kind", align_lora.KINDS)
+def test_no_host_read_in_a_loss_call(kind, monkeypatch):
+    """No .item/.tolist/bool/int/float/index of a tensor from the repository's code during the
+    call (each would be a host-device sync per training step on a GPU), with padding and MMD's
+    subsampling."""
+    torch.manual_seed(0)
+    model = Tiny()
+    lora.add_lora(model, ["q", "up", "down"], r=4)
+    align = align_lora.AlignmentLoss(model, 3, kind=kind, max_tokens=16)
+    x, ids = torch.randn(6, 5, 12), torch.arange(6) % 3
+    mask = torch.rand(6, 5) > 0.2
+    repo = os.path.dirname(os.path.abspath(align_lora.__file__)) + os.sep
+    reads = []
+    for name in ["item", "tolist", "__bool__", "__int__", "__float__", "__index__"]:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *a, _name=name, _f=original, **kw):
+            if os.path.abspath(sys._getframe(1).f_code.co_filename).startswith(repo):
+                reads.append(_name)                             # called from a repository file
+            return _f(self, *a, **kw)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    torch.ones(1).item(), bool(torch.ones(1))                   # the counting works
+    assert reads == ["item", "__bool__"]
+    model(x)
+    reads.clear()                                               # the loss call alone is counted
+    loss = align(ids, mask)
+    assert reads == []
+    loss.backward()
+    monkeypatch.undo()
+    assert loss.item() > 0
+
+
+def test_docstring_example_runs_and_explains_lambda():
+    """The usage example runs as written; lambda's default is set against the authors' trainer,
+    which adds lambda * L_align once per 10 accumulated micro-batches."""
+    doc = align_lora.__doc__
+    example = doc.split("Usage", 1)[1].split("\n\n", 2)[1]
+    exec(textwrap.dedent(example), {})
+    assert "once per 10 accumulated micro-batches" in doc and "lambda/10" in doc
