@@ -389,7 +389,8 @@ def save_atomic(obj, path, save=torch.save):
 def lr_at(step, steps, warmup, peak):
     if step < warmup:
         return peak * (step + 1) / warmup
-    return peak * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
+    t = (step - warmup) / max(1, steps - warmup)                      # 0 -> 1 after the warm-up
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))    # cosine decay to 10%
 
 
 def train(model, args, tasks, steps, lr, desc, ckpt=None, info=None, start=None, seed=None,
