@@ -96,7 +96,8 @@ class AlignmentLoss:
         """Remove every hook and drop captured outputs (calling it twice is fine)."""
         for h in self._handles:
             h.remove()
-        self._handles, self._z = [], {}
+        self._handles = []
+        self._z.clear()
 
     def __enter__(self):
         return self
@@ -109,7 +110,8 @@ class AlignmentLoss:
                 f"layers={len(self.names)}, active={bool(self._handles)})")
 
     def __call__(self, task_ids: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
-        zs, self._z = list(self._z.values()), {}              # use and clear
+        zs = list(self._z.values())                           # use and clear (in place: a
+        self._z.clear()                                       # compiled hook holds this dict)
         if not zs:
             raise ValueError("no lora_A outputs captured: run the model's forward pass first, "
                              "once per loss call (after align.remove(), build a new AlignmentLoss)")

@@ -415,7 +415,9 @@ def train(model, args, tasks, steps, lr, desc, ckpt=None, info=None, start=None,
             torch.cuda.set_rng_state(start["cuda_rng"].cpu())
         step0, losses = start["step"], start["losses"]
     fwd = nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model
-    fwd = torch.compile(fwd) if args.compile else fwd
+    if args.compile:              # a fresh cache: dynamo's guards can miss the hooks align_lora puts
+        torch._dynamo.reset()     # on this model and reuse the graph of an earlier, hook-free one
+        fwd = torch.compile(fwd)
     autocast = torch.autocast(args.device.split(":")[0], torch.bfloat16, enabled=args.autocast == "bf16")
     model.train()
     t0 = time.perf_counter()
