@@ -414,10 +414,10 @@ def train(model, args, tasks, steps, lr, desc, ckpt=None, info=None, start=None,
         if start.get("cuda_rng") is not None and args.device.startswith("cuda"):
             torch.cuda.set_rng_state(start["cuda_rng"].cpu())
         step0, losses = start["step"], start["losses"]
+    if args.compile:              # the body only: MT-CRL's penalty differentiates head and graph twice
+        torch._dynamo.reset()     # a fresh cache: dynamo's guards can miss align's hooks on lora_A
+        model.gpt.features = torch.compile(model.gpt.features)        # and reuse an older graph
     fwd = nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model
-    if args.compile:              # a fresh cache: dynamo's guards can miss the hooks align_lora puts
-        torch._dynamo.reset()     # on this model and reuse the graph of an earlier, hook-free one
-        fwd = torch.compile(fwd)
     autocast = torch.autocast(args.device.split(":")[0], torch.bfloat16, enabled=args.autocast == "bf16")
     model.train()
     t0 = time.perf_counter()

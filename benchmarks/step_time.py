@@ -47,14 +47,15 @@ def stepper(method, base, args, compiled):
         model = train.build_model(targs, base.state_dict())
         extra = train.regularizer(model, targs, tasks, targs.steps)
     model = model.to(args.device)
-    fwd = torch.compile(model) if compiled else model
+    if compiled:                                    # as train.py --compile does
+        model.gpt.features = torch.compile(model.gpt.features)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     autocast = torch.autocast(args.device, torch.bfloat16, enabled=targs.autocast == "bf16")
 
     def step():
         with autocast:
-            logits, h = fwd(batch["idx"], batch["task"])
+            logits, h = model(batch["idx"], batch["task"])
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten())
         if extra is not None:
             loss = loss + extra(targs.steps - 1, batch, logits, h)
