@@ -202,23 +202,28 @@ def test_unwritable_out_fails_before_any_training(tmp_path, bad_out, capsys):
     assert not (tmp_path / "base.pt").exists() and "pre-training" not in capsys.readouterr().out
 
 
+def interrupt(monkeypatch, args, at_batch):
+    """Run `args` and stop it like a Ctrl-C when it asks for batch number `at_batch`."""
+    real, calls = train.make_batch, []
+
+    def make_batch(*a, **kw):
+        calls.append(1)
+        if len(calls) == at_batch:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(train, "make_batch", make_batch)
+    with pytest.raises(KeyboardInterrupt):
+        train.run(args)
+    monkeypatch.setattr(train, "make_batch", real)
+
+
 def test_resume_gives_the_same_result(tmp_path, monkeypatch, out):
     flags = "--method lora --steps 12 --dropout 0.1 --ckpt-every 4"
     ref = args_for(out, flags)
     train.run(ref)
     want = torch.load(os.path.join(run_dir(ref), "adapter.pt"))
     args = train.get_args(f"{TINY} {flags} --out {tmp_path} --base {out}/base.pt".split())
-    real, calls = train.make_batch, []
-
-    def crash_at_step_6(*a, **kw):
-        calls.append(1)
-        if len(calls) == 7:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-    monkeypatch.setattr(train, "make_batch", crash_at_step_6)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(args)
-    monkeypatch.setattr(train, "make_batch", real)
+    interrupt(monkeypatch, args, at_batch=7)                 # a kill in step 7
     with pytest.raises(SystemExit, match="unfinished run.*--resume"):
         train.run(args)                                     # never silently started over
     args.resume = True
@@ -252,17 +257,7 @@ def test_base_pretraining_checkpoints_and_resumes(tmp_path, monkeypatch, out):
     ref = train.get_args(f"{flags} --out {tmp_path}/a --base {tmp_path}/a.pt".split())
     train.run(ref)
     args = train.get_args(f"{flags} --out {tmp_path}/b --base {tmp_path}/b.pt".split())
-    real, calls = train.make_batch, []
-
-    def crash(*a, **kw):
-        calls.append(1)
-        if len(calls) == 45:
-            raise KeyboardInterrupt
-        return real(*a, **kw)
-    monkeypatch.setattr(train, "make_batch", crash)
-    with pytest.raises(KeyboardInterrupt):
-        train.run(args)
-    monkeypatch.setattr(train, "make_batch", real)
+    interrupt(monkeypatch, args, at_batch=45)                # in pre-training's step 45
     assert torch.load(f"{tmp_path}/b.pt.ckpt")["step"] == 40
     train.run(args)
     a, b = torch.load(f"{tmp_path}/a.pt")["state_dict"], torch.load(f"{tmp_path}/b.pt")["state_dict"]
