@@ -384,14 +384,14 @@ def test_no_host_read_in_a_loss_call(kind, monkeypatch):
     align = align_lora.AlignmentLoss(model, 3, kind=kind, max_tokens=16)
     x, ids = torch.randn(6, 5, 12), torch.arange(6) % 3
     mask = torch.rand(6, 5) > 0.2
-    repo = os.path.dirname(os.path.abspath(align_lora.__file__)) + os.sep
+    repo = os.path.dirname(os.path.abspath(align_lora.__file__))
     reads = []
     for name in ["item", "tolist", "__bool__", "__int__", "__float__", "__index__"]:
         original = getattr(torch.Tensor, name)
 
         def counted(self, *a, _name=name, _f=original, **kw):
-            if os.path.abspath(sys._getframe(1).f_code.co_filename).startswith(repo):
-                reads.append(_name)                             # called from a repository file
+            if os.path.dirname(os.path.abspath(sys._getframe(1).f_code.co_filename)) == repo:
+                reads.append(_name)                 # called from a top-level file (not ./.venv)
             return _f(self, *a, **kw)
         monkeypatch.setattr(torch.Tensor, name, counted)
     torch.ones(1).item(), bool(torch.ones(1))                   # the counting works
