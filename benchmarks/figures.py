@@ -35,9 +35,9 @@ def accuracy(results, suite, path):
                yerr=[statistics.stdev(v) if len(v) > 1 else 0 for v in vals], capsize=2)
     ax.set_xticks(range(len(labels)), labels, rotation=15, fontsize=8)
     ax.set_ylabel("test accuracy, %")
-    ax.set_ylim(0, 105)
+    ax.set_ylim(0, 118)                                  # room for the legend above the bars
     ax.set_title(f"{suite} suite: accuracy per task (mean and std over {len(results[labels[0]])} seeds)")
-    ax.legend(fontsize=7, ncol=len(tasks), loc="lower right")
+    ax.legend(fontsize=7, ncol=len(tasks), loc="upper center")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
