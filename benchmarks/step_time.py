@@ -11,7 +11,8 @@ spurious is timed after its invariance warm-up). hydra = multihead, mlora = mult
 (each round times every method once for --steps steps), so a change in the machine's speed hits
 them all alike; the figure is the median over rounds, the ratio is to lora's. With --compile,
 each method's compiled step is then timed against its eager step, interleaved; its first three
-steps (the compile) are timed apart. Never calls torch.set_num_threads: on CPU even setting the default slows the fused attention kernel 2-3x.
+steps (the compile) are timed apart. Never calls torch.set_num_threads: on CPU even setting the
+default slows the fused attention kernel 2-3x.
 """
 import argparse
 import os
