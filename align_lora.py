@@ -24,13 +24,16 @@ an effective weight of lambda/10 against the mean task loss; 0.2 here weighs it 
 
 How tokens are pooled: every real token of a task's samples is one draw from that task's
 distribution; z (B, L, r) and the mask (B, L) become one bag of tokens per task, padding left out,
-with explicit per-sample task ids (a batch may mix tasks in any order). The authors take
+with explicit per-sample task ids (a batch may mix tasks in any order). The mask is bool or
+integer, real tokens where mask != 0 (HF's attention_mask as is); without a mask every token
+counts, padding included. The authors take
 statistics per sequence position over the samples and group the tasks by their position in the
 batch (broken: their task sampler never reaches the trainer).
 
 How it works: a forward hook on every sub-module named `lora_A` (lora.py's, multihead_lora.py's
 and mtl_lora.py's layers) keeps its last output; the loss call uses and clears them. Call it
-once per forward pass. Outputs are (B, ..., r) with the batch first, or (B*L, r) with a mask.
+once per forward pass. A copy of the model (copy.deepcopy, e.g. an EMA) keeps the hooks but
+they ignore its layers: build another AlignmentLoss for the copy if it needs one. Outputs are (B, ..., r) with the batch first, or (B*L, r) with a mask.
 
 Usage (with lora.py's adapters; any module with `lora_A` sub-modules works):
 
@@ -84,12 +87,13 @@ class AlignmentLoss:
         # W = [1; -beta_s], beta_s = 1 / (2 sigma_s): W @ exp(-beta_s d2) = [k; dk/dd2]
         self._W = torch.tensor([[1.0] * len(bandwidths), [-1 / (2 * s) for s in bandwidths]])
         self._z = {}                                          # name -> last output (..., r)
-        self._handles = [model.get_submodule(n).register_forward_hook(self._capture(n))
-                         for n in self.names]
+        self._handles = [model.get_submodule(n).register_forward_hook(self._capture(n, m))
+                         for n in self.names for m in [model.get_submodule(n)]]
 
-    def _capture(self, name):
+    def _capture(self, name, target):
         def hook(module, inputs, output):
-            self._z[name] = output                            # overwrites: nothing kept over steps
+            if module is target:             # not a copy's (copy.deepcopy of the model shares hooks)
+                self._z[name] = output                        # overwrites: nothing kept over steps
         return hook
 
     def remove(self):
@@ -109,28 +113,38 @@ class AlignmentLoss:
         return (f"AlignmentLoss(n_tasks={self.n_tasks}, kind={self.kind!r}, "
                 f"layers={len(self.names)}, active={bool(self._handles)})")
 
-    def __call__(self, task_ids: torch.Tensor, mask: torch.Tensor = None) -> torch.Tensor:
+    def __call__(self, task_ids, mask=None) -> torch.Tensor:
+        """L_align of the last forward pass. task_ids: (B,) integers, one per sample (a tensor or a
+        list); mask: (B, L), bool or integer, real tokens where mask != 0 (HF's attention_mask
+        works as is). Without a mask every token counts, padding included."""
         zs = list(self._z.values())                           # use and clear (in place: a
         self._z.clear()                                       # compiled hook holds this dict)
         if not zs:
             raise ValueError("no lora_A outputs captured: run the model's forward pass first, "
                              "once per loss call (after align.remove(), build a new AlignmentLoss)")
-        if not (getattr(task_ids, "dtype", None) in _INTS and task_ids.ndim == 1 and len(task_ids)):
-            raise ValueError("task_ids must be an integer tensor of shape (B,), one id per sample, "
-                             f"B >= 1; got {task_ids!r:.80}")
+        try:
+            ids = torch.as_tensor(task_ids, device=getattr(zs[0], "device", None))
+        except (TypeError, ValueError, RuntimeError):
+            ids = torch.empty(0)
+        if not (ids.dtype in _INTS and ids.ndim == 1 and len(ids)):
+            raise ValueError("task_ids must be integers of shape (B,), one per sample, B >= 1; got "
+                             f"{task_ids!r:.60}")
+        if mask is not None and not (torch.is_tensor(mask) and mask.dtype in _INTS + (torch.bool,)):
+            raise ValueError(f"mask must be a bool or integer tensor (B, L), real tokens where "
+                             f"mask != 0; got {getattr(mask, 'dtype', type(mask).__name__)}")
         shapes = [tuple(getattr(z, "shape", ())) for z in zs]   # (B, ..., r) or (B*L, r)
-        if mask is None:                                      # every token is real
-            on = getattr(zs[0], "device", None)
-            mask = torch.ones(shapes[0][:-1], dtype=torch.bool, device=on)
-        B, N = len(task_ids), mask.numel() if isinstance(mask, torch.Tensor) else 0   # N = B * L
-        if not (getattr(mask, "dtype", None) == torch.bool and mask.dim() and len(mask) == B and
-                all(len(s) >= 2 and s[0] in (B, N) and math.prod(s) == N * s[-1] for s in shapes)):
-            raise ValueError(f"lora_A outputs {shapes} do not fit {B} task ids and mask: give a "
-                             "bool mask (B, L), outputs (B, ..., r) or (B*L, r) with mask; same L")
-        ids, T = task_ids.to(zs[0].device).long(), self.n_tasks   # (B,)
+        keep = torch.ones(shapes[0][:-1], dtype=torch.bool, device=ids.device) if mask is None \
+            else mask != 0
+        B, N = len(ids), keep.numel()                         # N = B * L tokens
+        if not (keep.dim() and len(keep) == B and all(
+                len(s) >= 2 and s[0] in (B, N) and math.prod(s) == N * s[-1] for s in shapes)):
+            raise ValueError(f"lora_A outputs of shapes {shapes[:3]} do not fit {B} task ids and a "
+                             f"mask of shape {tuple(keep.shape)}: the outputs must be tensors (B, ..., "
+                             "r), or (B*L, r) with a mask (B, L), the same L in every layer")
+        ids, T = ids.long(), self.n_tasks                     # (B,)
         torch._assert_async(((ids >= 0) & (ids < T)).all(), f"task ids must be in [0, n_tasks={T})")
         zs = [z.reshape(B, -1, z.shape[-1]) for z in zs]      # each (B, L, r)
-        keep = mask.to(ids.device).reshape(-1)                # (N,) real tokens
+        keep = keep.to(ids.device).reshape(-1)                # (N,) real tokens
         t = ids[:, None].expand(B, N // B).reshape(-1)        # (N,) task of each token
         with torch.autocast(zs[0].device.type, enabled=False):
             return (self._kl if self.kind == "kl" else self._mmd)(zs, t, keep)

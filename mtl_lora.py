@@ -24,27 +24,12 @@ Usage on any model built of nn.Linear layers (no edits to its code):
     with mtl_lora.task_ids(model, torch.tensor([0, 2, 1, 0])):        # one task id per sample
         out = model(torch.randn(4, 16))                                # (4, 4)
 
-Our choices and the limits of this file:
-- Layout: `lora_A` = nn.Linear(d_in, r, bias=False) as in peft; `lora_lambda` (T, r, r) or (T, r),
-  `lora_B` (n, d_out, r), `lora_w` (T, n) Parameters; the wrapped layer is `.base`.
-- Ids reach the layers through a context manager (nested ones restore the outer ids), not an
-  extra forward argument as in the authors' code. It reads no tensor value on the host: a
-  device-side assert checks the range (and a merged model's task); it raises at once on CPU, at a
-  later kernel launch on CUDA, where it leaves the CUDA context unusable (restart the process).
-- dropout defaults to 0 as in lora.py (the authors used 0.05: pass dropout=0.05). No extra bias
-  (the authors add a random frozen bias to bias-free layers, a bug). The softmax is fp32.
-- Dtypes: the adapter is made in the base weight's dtype; x is cast to the adapter's dtype and
-  the update to the output's, so autocast works, and so do fp32 adapters on a bf16 model.
-- merge() forms the update in fp32 and casts once; in bf16, merge then unmerge restores W0 only
-  to bf16 rounding. A merged layer keeps the task and the A, Lam_t, B, w_t it folded in, also in
-  its state_dict, so unmerge() is exact even if they change, and a merged model reloads exactly.
-- Only nn.Linear: HF GPT-2's Conv1D (weight stored transposed) is refused, not adapted.
-- nn.MultiheadAttention's out_proj is refused: MHA reads its weight directly, an adapter there
-  would do nothing. nn.TransformerEncoder's inference fast paths also read linear1.weight
-  directly; add_mtl_lora switches them off in the encoders it adapts (build them batch_first).
+Our choices and the limits of this file are listed at its end.
 """
 import contextlib
 import math
+import numbers
+import warnings
 
 import torch
 import torch.nn as nn
@@ -52,11 +37,12 @@ import torch.nn as nn
 
 class MTLLoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, n_tasks: int, r: int = 8, n_up: int = 3, alpha: float = 16.0,
-                 tau: float = 0.1, dropout: float = 0.0, diagonal: bool = False):
+                 tau: float = 0.1, dropout: float = 0.0, diagonal: bool = False,
+                 fp32_adapter: bool = True):
         super().__init__()
         _check_hparams(base, n_tasks, r, n_up, alpha, tau, dropout)
         self.base = base.requires_grad_(False)                          # W0, frozen
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        kw = dict(device=base.weight.device, dtype=_adapter_dtype(base, fp32_adapter))
         self.lora_A = nn.Linear(base.in_features, r, bias=False, **kw)  # A: (r, d_in)
         lam = (n_tasks, r) if diagonal else (n_tasks, r, r)
         self.lora_lambda = nn.Parameter(torch.empty(lam, **kw))         # Lam: (T, r, r) or (T, r)
@@ -65,7 +51,9 @@ class MTLLoRALinear(nn.Module):
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.n_tasks, self.r, self.n_up, self.alpha, self.tau = n_tasks, r, n_up, alpha, tau
         self.scaling, self.diagonal = alpha / r, diagonal
-        self.folded = None          # (t, A, Lam_t, B, w_t) that merge(t) folded into W0, else None
+        # the task t and the A, Lam_t, B, w_t that merge(t) folded into W0 (empty: unmerged)
+        self.register_buffer("folded_task", torch.empty(0, dtype=torch.long, device=kw["device"]))
+        _folded_buffers(self, "A", "lambda", "B", "w")
         self.task_ids = None        # (B,), set by `with task_ids(model, ids)`
         self.reset_parameters()
 
@@ -86,7 +74,7 @@ class MTLLoRALinear(nn.Module):
     def forward(self, x):                                       # x (B, ..., d_in)
         h = self.base(x)                                        # W0 x: (B, ..., d_out)
         if self.merged:                                         # W0 already holds task t's update
-            return h
+            return _merged_output(self, h)
         t = self._ids_for(x)                                    # each sample's task: (B,)
         # z = A drop(x): (B, L, r)
         z = self.lora_A(self.drop(x.to(self.lora_A.weight.dtype))).view(len(t), -1, self.r)
@@ -113,50 +101,50 @@ class MTLLoRALinear(nn.Module):
 
     @property
     def merged(self):
-        return self.folded is not None
+        return self.folded_A.numel() > 0
 
     @property
-    def merged_task(self):
-        return self.folded[0] if self.merged else None
+    def merged_task(self):                                      # (reads the task on the host)
+        return int(self.folded_task) if self.merged else None
 
     def delta_weight(self, task: int, folded=None):             # (d_out, d_in), fp32
         """s (sum_i p_{t,i} B_i) Lam_t A of task t, from the current tensors or `folded`."""
         A, Lam_t, B, w_t = folded or (self.lora_A.weight, self.lora_lambda[task], self.lora_B,
-                                      self.lora_w[task])
+                                      self.lora_w[task])                # fp32 below
         p_t = torch.softmax(w_t.float() / self.tau, dim=-1)                     # (n,)
         Lam_t = torch.diag(Lam_t.float()) if self.diagonal else Lam_t.float()   # (r, r)
         dW = self.scaling * torch.einsum("i,ior->or", p_t, B.float()) @ Lam_t @ A.float()
-        return dW.to(self.base.weight.device)       # `folded` may sit elsewhere after .to(device)
+        return dW.to(self.base.weight.device)
 
     def _check_task(self, task):
-        t = self.merged_task
-        if type(task) is not int or not 0 <= task < self.n_tasks or t not in (None, task):
-            raise ValueError(f"merge needs one task id, an int in [0, {self.n_tasks}), got "
-                             f"{task!r}; this layer is merged for task {t}: unmerge before another")
+        if not (_is_int(task, 0) and task < self.n_tasks):
+            raise ValueError(f"merge needs one task id, an int in [0, {self.n_tasks}), got {task!r}")
+        if self.merged_task not in (None, task):
+            raise ValueError(f"this layer is merged for task {self.merged_task}: unmerge_mtl_lora"
+                             f"(model) before merging task {task}")
 
     @torch.no_grad()
     def merge(self, task: int):
         """W_t = W0 + s (sum_i p_{t,i} B_i) Lam_t A (merging twice for the same task is a no-op)."""
         self._check_task(task)
+        task = int(task)
         if not self.merged:
-            snap = (self.lora_A.weight, self.lora_lambda[task], self.lora_B, self.lora_w[task])
-            self.folded = (task, *(v.detach().clone() for v in snap))
+            self.folded_task = torch.tensor([task], device=self.folded_task.device)
+            self.folded_A, self.folded_lambda = self.lora_A.weight.clone(), self.lora_lambda[task].clone()
+            self.folded_B, self.folded_w = self.lora_B.clone(), self.lora_w[task].clone()
             W = self.base.weight
-            W.copy_((W.float() + self.delta_weight(task, self.folded[1:])).to(W.dtype))
+            W.copy_((W.float() + self.delta_weight(task, self._folded())).to(W.dtype))
 
     @torch.no_grad()
     def unmerge(self):
         """W0 = W_t - s (sum_i p_{t,i} B_i) Lam_t A, with the tensors that were merged."""
         if self.merged:
             W = self.base.weight
-            W.copy_((W.float() - self.delta_weight(self.merged_task, self.folded[1:])).to(W.dtype))
-            self.folded = None
+            W.copy_((W.float() - self.delta_weight(None, self._folded())).to(W.dtype))
+            _folded_buffers(self)
 
-    def get_extra_state(self):          # the merged state travels with the state_dict
-        return self.folded
-
-    def set_extra_state(self, state):
-        self.folded = state
+    def _folded(self):                                          # (A, Lam_t, B, w_t) merge() folded
+        return self.folded_A, self.folded_lambda, self.folded_B, self.folded_w
 
     def extra_repr(self):
         return (f"n_tasks={self.n_tasks}, r={self.r}, n_up={self.n_up}, alpha={self.alpha}, "
@@ -164,67 +152,24 @@ class MTLLoRALinear(nn.Module):
 
 
 def _check_hparams(base, n_tasks, r, n_up, alpha, tau, dropout):
-    ints = all(isinstance(v, int) and v >= 1 for v in (n_tasks, r, n_up))
-    if not (isinstance(base, nn.Linear) and ints and 0 < alpha < 1e30 and 0 < tau < 1e30
-            and 0 <= dropout < 1):
-        raise ValueError(f"MTL-LoRA wraps an nn.Linear (got a {type(base).__name__}), with integer "
-                         "n_tasks, rank r, n_up >= 1, alpha, tau in (0, 1e30), dropout in [0, 1); "
-                         f"got {n_tasks=}, {r=}, {n_up=}, {alpha=}, {tau=}, {dropout=}")
-
-
-def _find_targets(model: nn.Module, targets):
-    """Dotted names of the nn.Linear layers whose name ends with one of `targets` (peft-style)."""
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    modules = dict(model.named_modules())
-    found = [n for n in modules if any(n == t or n.endswith("." + t) for t in targets)]
-    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in found)]
-    if not targets or unmatched:
-        linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-        raise ValueError(f"targets {unmatched or targets} match no layer of the model; name "
-                         f"some of its nn.Linear layers (by the end of their names): {linears[:20]}")
-    for name in found:
-        parent, mod = modules[name.rpartition(".")[0]], modules[name]
-        if hasattr(parent, "lora_A") or hasattr(mod, "lora_A"):
-            raise ValueError(f"'{name}' is an adapter or inside one: adapt each layer once")
-        if isinstance(parent, nn.MultiheadAttention):
-            raise ValueError(f"'{name}' belongs to nn.MultiheadAttention, which reads its weight "
-                             "directly, so an adapter would do nothing; target other layers")
-        if not isinstance(mod, nn.Linear):
-            raise ValueError(f"target '{name}' is a {type(mod).__name__}, not an nn.Linear")
-    return found
+    if base is not None and not isinstance(base, nn.Linear):
+        raise ValueError(f"MTLLoRALinear wraps an nn.Linear, got a {type(base).__name__}")
+    if not (all(_is_int(v, 1) for v in (n_tasks, r, n_up)) and _is_num(alpha, 1e-30, 1e30)
+            and _is_num(tau, 1e-30, 1e30) and _is_num(dropout, 0, 1)):
+        raise ValueError("MTL-LoRA needs integers n_tasks, rank r and n_up >= 1, numbers alpha and "
+                         f"tau in (0, 1e30) and dropout in [0, 1); got {n_tasks=}, {r=}, {n_up=}, "
+                         f"{alpha=}, {tau=}, {dropout=}")
 
 
 def add_mtl_lora(model: nn.Module, n_tasks: int, targets=("q", "k", "v", "o", "up", "down"),
                  r: int = 8, n_up: int = 3, alpha: float = 16.0, tau: float = 0.1,
-                 dropout: float = 0.0, diagonal: bool = False) -> list:
-    """Wrap, in place, every nn.Linear whose dotted name ends with a target; freeze every
-    parameter that is not an adapter's. Returns the wrapped names."""
-    names = _find_targets(model, targets)
-    new = {n: MTLLoRALinear(model.get_submodule(n), n_tasks, r, n_up, alpha, tau, dropout,
-                            diagonal) for n in names}                       # all checked
-    adapters = {id(p) for m in mtl_layers(model) + list(new.values())
-                for k, p in m.named_parameters() if k.startswith("lora_")}
-    for p in model.parameters():
-        if id(p) not in adapters:
-            p.requires_grad_(False)
-    for name, layer in new.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
-    _keep_off_fast_paths(model)
-    return names
-
-
-def _keep_off_fast_paths(model):
-    """nn.TransformerEncoder(Layer)'s inference fast paths read linear1.weight themselves and
-    would crash on or skip an adapter: the nested-tensor path is turned off by a flag, the
-    layer's fused path by any hook (here a no-op one)."""
-    for m in model.modules():
-        if isinstance(m, nn.TransformerEncoder) and mtl_layers(m):
-            m.use_nested_tensor = False
-        if isinstance(m, nn.TransformerEncoderLayer):
-            for layer in mtl_layers(m):
-                if not layer._forward_pre_hooks:
-                    layer.register_forward_pre_hook(lambda module, args: None)
+                 dropout: float = 0.0, diagonal: bool = False, fp32_adapter: bool = True) -> list:
+    """Wrap, in place, every nn.Linear whose dotted name ends with a target; freeze every parameter
+    that is not an adapter's (the adapters of earlier add_* calls, of any file, keep their state).
+    Returns the wrapped names."""
+    _check_hparams(None, n_tasks, r, n_up, alpha, tau, dropout)
+    return _adapt(model, targets, lambda base: MTLLoRALinear(
+        base, n_tasks, r, n_up, alpha, tau, dropout, diagonal, fp32_adapter))
 
 
 def mtl_layers(model: nn.Module):
@@ -241,8 +186,6 @@ def task_ids(model: nn.Module, ids):
         raise ValueError(f"task ids must be integers, shape (batch,), got {ids.dtype} {ids.shape}")
     T = min(m.n_tasks for m in layers)
     torch._assert_async(((ids >= 0) & (ids < T)).all(), f"task ids must be in [0, n_tasks={T})")
-    for t in {m.merged_task for m in layers} - {None}:         # merged for t: task t's samples only
-        torch._assert_async((ids == t).all(), f"merged for task {t}: unmerge_mtl_lora(model) first")
     on, saved = {}, [m.task_ids for m in layers]                # ids moved once per device
     try:
         for m in layers:
@@ -250,6 +193,10 @@ def task_ids(model: nn.Module, ids):
             if dev not in on:
                 on[dev] = ids.to(dev, torch.long, non_blocking=True)
             m.task_ids = on[dev]
+            if m.merged:                                        # merged for t: t's samples only
+                torch._assert_async((m.task_ids == m.folded_task).all(), "the model is merged for"
+                                    " one task (see merged_task): give it that task's samples only,"
+                                    " or unmerge_mtl_lora(model) first")
         yield
     finally:
         for m, old in zip(layers, saved):
@@ -270,6 +217,13 @@ def unmerge_mtl_lora(model: nn.Module):
         m.unmerge()
 
 
+def merge_and_unload_mtl_lora(model: nn.Module, task: int) -> nn.Module:
+    """Merge task `task` into every MTL-LoRA layer and put its nn.Linear back in its place: a
+    plain model that computes task `task` (no task ids needed). Returns the model (in place)."""
+    merge_mtl_lora(model, task)
+    return _unload(model, MTLLoRALinear)
+
+
 def mixing_weights(model: nn.Module) -> dict:
     """{layer name: p (T, n)}, the softmax(w / tau) mixing of the up-projections, fp32, detached."""
     return {n: m.mixing().detach() for n, m in model.named_modules()
@@ -285,10 +239,171 @@ def mtl_state_dict(model: nn.Module) -> dict:
 
 def load_mtl_state_dict(model: nn.Module, state: dict):
     """Load adapter tensors saved by mtl_state_dict into a model adapted with the same settings."""
-    own = mtl_state_dict(model)
+    _load_adapters(model, state, mtl_state_dict(model), mtl_layers(model), "add_mtl_lora")
+
+# ------------------------------------------------------------------------------------------------
+# Plumbing, the same in lora.py, multihead_lora.py and mtl_lora.py: a first read can skip it.
+
+
+def _is_int(x, lo):                            # an integer >= lo (numpy's too; not a bool)
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= lo
+
+
+def _is_num(x, lo, hi):                        # a real number in [lo, hi) (not a bool; NaN is not)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and lo <= x < hi
+
+
+def _adapter_dtype(base, fp32_adapter):
+    """fp32 on a half-precision (bf16/fp16) base unless fp32_adapter=False; else the base's."""
+    half = base.weight.dtype in (torch.float16, torch.bfloat16)
+    return torch.float32 if fp32_adapter and half else base.weight.dtype
+
+
+def _find_targets(model, targets):
+    """Dotted names of the nn.Linear layers whose name ends with one of `targets` (peft-style),
+    every name under which a layer is reachable (tied layers have several)."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"the model to adapt must be an nn.Module, got {type(model).__name__}")
+    targets = [targets] if isinstance(targets, str) else targets
+    if not (isinstance(targets, (list, tuple, set)) and targets
+            and all(isinstance(t, str) and t for t in targets)):
+        raise ValueError(f"targets must be a layer name or a list of names (the ends of dotted "
+                         f"names, e.g. ['q', 'v']), got {targets!r}")
+    modules = dict(model.named_modules(remove_duplicate=False))
+    hit = lambda n, t: n == t or n.endswith("." + t)
+    found = [n for n in modules if any(hit(n, t) for t in targets)]
+    unmatched = [t for t in targets if not any(hit(n, t) for n in found)]
+    if unmatched:
+        linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+        raise ValueError(f"targets {unmatched} match no layer of the model; name some of its "
+                         f"nn.Linear layers (by the end of their names): {linears[:20]}")
+    for name in found:
+        parent, mod = modules[name.rpartition(".")[0]], modules[name]
+        if hasattr(parent, "lora_A") or hasattr(mod, "lora_A"):
+            raise ValueError(f"'{name}' is an adapter or inside one: adapt each layer once")
+        if isinstance(parent, nn.MultiheadAttention):
+            raise ValueError(f"'{name}' belongs to nn.MultiheadAttention, which reads its weight "
+                             "directly, so an adapter would do nothing; target other layers")
+        if not isinstance(mod, nn.Linear):
+            raise ValueError(f"target '{name}' is a {type(mod).__name__}, not an nn.Linear")
+    return found
+
+
+def _adapt(model, targets, make):
+    """Put make(layer) in the place of each target layer (one wrapper for a layer reachable under
+    several names); freeze every parameter outside an adapter layer (one with a `lora_A`) of any
+    of the three files, so files combine; switch off the encoders' fast paths."""
+    names = _find_targets(model, targets)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    new = {}
+    for name in names:
+        if id(modules[name]) not in new:
+            new[id(modules[name])] = make(modules[name])
+    keep = {id(p) for m in list(model.modules()) + list(new.values()) if hasattr(m, "lora_A")
+            for k, p in m.named_parameters() if not k.startswith("base.")}
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
+    for name, mod in modules.items():
+        if id(mod) in new:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new[id(mod)])
+    _keep_off_fast_paths(model)
+    return names
+
+
+def _unload(model, cls):
+    """Put each `cls` layer's (merged) base nn.Linear back in its place, under all its names."""
+    if isinstance(model, cls):
+        return model.base
+    for name, mod in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(mod, cls):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, mod.base)
+    return model
+
+
+def _keep_off_fast_paths(model):
+    """nn.TransformerEncoder(Layer)'s inference fast paths read linear1.weight themselves and
+    would crash on or skip an adapter: the nested-tensor path is turned off by a flag, the
+    layer's fused path by any forward pre-hook (here a no-op one that pickles)."""
+    for m in model.modules():
+        if not isinstance(m, (nn.TransformerEncoder, nn.TransformerEncoderLayer)):
+            continue
+        adapters = [a for a in m.modules() if hasattr(a, "lora_A")]
+        if isinstance(m, nn.TransformerEncoder) and adapters:
+            m.use_nested_tensor = False
+        if isinstance(m, nn.TransformerEncoderLayer):
+            for a in adapters:
+                if _no_op not in a._forward_pre_hooks.values():
+                    a.register_forward_pre_hook(_no_op)
+
+
+def _no_op(module, args):
+    return None
+
+
+def _folded_buffers(layer, *names):
+    """(Re)set the buffers folded_<name> that merge() fills (no names: every one) to empty, which
+    means unmerged. They are in the state_dict as plain tensors, so a merged model saves and
+    reloads exactly; a load resizes them first (merged into unmerged and back)."""
+    names = names or [n[len("folded_"):] for n, _ in layer.named_buffers(recurse=False)
+                      if n.startswith("folded_")]
+    for n in names:
+        old = getattr(layer, "folded_" + n, layer.lora_A.weight)           # keeps its dtype
+        layer.register_buffer("folded_" + n, old.new_empty(0, device=layer.lora_A.weight.device))
+    if _resize_folded not in layer._load_state_dict_pre_hooks.values():
+        layer._register_load_state_dict_pre_hook(_resize_folded, with_module=True)
+
+
+def _resize_folded(layer, state, prefix, *args):
+    for n, b in layer.named_buffers(recurse=False):
+        if n.startswith("folded_") and torch.is_tensor(state.get(prefix + n)):
+            setattr(layer, n, torch.empty_like(state[prefix + n], device=b.device, dtype=b.dtype))
+
+
+def _merged_output(layer, h):
+    if layer.training and torch.is_grad_enabled():
+        warnings.warn(f"a merged {type(layer).__name__} is training: its adapter is not used and "
+                      "gets no gradient; unmerge to train, or call model.eval() to serve", stacklevel=2)
+    return h
+
+
+def _load_adapters(model, state, own, layers, add):
+    """Load adapter tensors (as <file>_state_dict gives them) into a model adapted alike."""
+    if not own or any(m.merged for m in layers):
+        raise ValueError(f"load into a model adapted alike and unmerged: {add}(model, ...) first, "
+                         f"with the same settings; {add.replace('add_', 'unmerge_')}(model) if merged")
     bad = sorted(k for k in own.keys() | state.keys()
                  if k not in own or k not in state or own[k].shape != state[k].shape)
-    if not own or bad or any(m.merged for m in mtl_layers(model)):
-        raise ValueError("load into a model adapted with the same targets, r, n_up, n_tasks and "
-                         f"diagonal, unmerged (unmerge_mtl_lora); tensors not fitting: {bad[:4]}")
+    if bad:
+        raise ValueError(f"adapter tensors do not fit this model at {bad[:4]}: missing, unexpected "
+                         "or of another shape; load into a model adapted alike (the same targets, "
+                         "rank and other settings); a whole state_dict loads with load_state_dict")
     model.load_state_dict(state, strict=False)
+
+# Our choices and the limits of this file:
+# - Layout: `lora_A` = nn.Linear(d_in, r, bias=False) as in peft; `lora_lambda` (T, r, r) or (T, r),
+#   `lora_B` (n, d_out, r), `lora_w` (T, n) Parameters; the wrapped layer is `.base`.
+# - Ids reach the layers through a context manager (nested ones restore the outer ids), not an
+#   extra forward argument as in the authors' code. The ids are set on the layers: one model
+#   must not run `with task_ids(...)` in several threads at once (use one model per thread). It
+#   reads no tensor value on the host: a device-side assert checks the range (and a merged
+#   model's task); it raises at once on CPU, at a later kernel launch on CUDA, where it leaves
+#   the CUDA context unusable (restart the process).
+# - dropout defaults to 0 as in lora.py (the authors used 0.05: pass dropout=0.05). No extra bias
+#   (the authors add a random frozen bias to bias-free layers, a bug). The softmax is fp32.
+# - Dtypes: on a bf16/fp16 base the adapter is fp32 by default, as in peft (in half precision
+#   small updates are lost to rounding); fp32_adapter=False keeps the base's dtype. x is cast to
+#   the adapter's dtype and the update to the output's, so autocast works.
+# - merge() forms the update in fp32 and casts once; in bf16, merge then unmerge restores W0 only
+#   to bf16 rounding. A merged layer keeps the task and the A, Lam_t, B, w_t it folded in as
+#   buffers (folded_*), so unmerge() is exact even if they change, and a merged model saves
+#   (torch.save, HF save_pretrained, Trainer checkpoints) and reloads exactly. Training a merged
+#   layer warns.
+# - add_mtl_lora freezes every parameter that is not an adapter's, a classification head too (as
+#   peft does without modules_to_save): set requires_grad_(True) on what should train besides.
+# - Only nn.Linear: HF GPT-2's Conv1D (weight stored transposed) is refused, not adapted.
+# - nn.MultiheadAttention's out_proj is refused: MHA reads its weight directly, an adapter there
+#   would do nothing. nn.TransformerEncoder's inference fast paths also read linear1.weight
+#   directly; add_mtl_lora switches them off in the encoders it adapts (build them batch_first).

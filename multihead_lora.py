@@ -39,27 +39,12 @@ Usage on any model built of nn.Linear layers (no edits to its code):
     with mh.record_routing(model) as w: model(torch.randn(8, 5, 16))   # w["0"]: (8, 5, 3)
     torch.save(mh.multihead_state_dict(model), "adapter.pt")           # adapter tensors only
 
-Our choices and the limits of this file:
-- M-LoRA takes the mean of the heads (the paper says sum and mean in different places).
-- HydraLoRA's authors draw a dropout mask per head on x; ours shares one on x (one A x, not N).
-- M-LoRA's dropout acts per head on z = A x, as in the Align-LoRA authors' code.
-- init="offset": the authors subtract the start from W0 (the same function); we keep W0 untouched.
-- init="offset" draws B_i like nn.Linear(r, d_out); s stays alpha/r (the authors: alpha/sqrt(r)).
-- Routing weights are computed only inside `record_routing` (hooks): training pays nothing.
-- head_similarity is nan for N = 1 or an all-zero head (cosine undefined).
-- Dtypes: the adapter is made in the base weight's dtype; x is cast to the adapter's dtype and
-  the update to the output's, so autocast works, and so do fp32 adapters on a bf16 base (call
-  `.float()` on the layer, then `.base.to(torch.bfloat16)`).
-- merge() forms the update in fp32 and casts once; in bf16, merge then unmerge restores W0 only
-  to bf16 rounding. A merged layer keeps the tensors it folded in, also in its state_dict, so
-  unmerge() is exact even if they change, and a merged model reloads exactly.
-- Only nn.Linear: HF GPT-2's Conv1D (weight stored transposed) is refused, not adapted.
-- nn.MultiheadAttention's out_proj is refused: MHA reads its weight directly, an adapter there
-  would do nothing. nn.TransformerEncoder's inference fast paths also read linear1.weight
-  directly; add_multihead_lora switches them off in the encoders it adapts.
+Our choices and the limits of this file are listed at its end.
 """
 import contextlib
 import math
+import numbers
+import warnings
 
 import torch
 import torch.nn as nn
@@ -67,12 +52,13 @@ import torch.nn as nn
 
 class MultiHeadLoRALinear(nn.Module):
     def __init__(self, base: nn.Linear, r: int = 4, n_heads: int = 3, alpha: float = 32.0,
-                 dropout: float = 0.0, router: bool = True, init: str = "zero"):
+                 dropout: float = 0.0, router: bool = True, init: str = "zero",
+                 fp32_adapter: bool = True):
         super().__init__()
         _check_hparams(base, r, n_heads, alpha, dropout, router, init)
         self.base = base.requires_grad_(False)                           # W0, frozen
         d_in, d_out, N = base.in_features, base.out_features, n_heads
-        kw = dict(device=base.weight.device, dtype=base.weight.dtype)
+        kw = dict(device=base.weight.device, dtype=_adapter_dtype(base, fp32_adapter))
         self.lora_A = nn.Linear(d_in, r, bias=False, **kw)               # A: (r, d_in)
         self.lora_B = nn.Parameter(torch.empty(N, d_out, r, **kw))       # B_i = lora_B[i]
         self.router = nn.Linear(d_in, N, bias=False, **kw) if router else None   # W_r: (N, d_in)
@@ -82,7 +68,8 @@ class MultiHeadLoRALinear(nn.Module):
         self.drop = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r, self.n_heads, self.alpha, self.scaling = r, N, alpha, alpha / r
         self.dropout, self.init = dropout, init
-        self.folded = None                  # the adapter tensors merge() folded into W0, else None
+        # the A, B (A0, B0) that merge() folded into W0 (empty: unmerged)
+        _folded_buffers(self, "A", "B", *(("A0", "B0") if offset else ()))
         self.reset_parameters()
 
     @torch.no_grad()
@@ -102,7 +89,7 @@ class MultiHeadLoRALinear(nn.Module):
     def forward(self, x):                                                # x (..., d_in)
         y = self.base(x)                                                 # W0 x: (..., d_out)
         if self.merged:                                                  # W0 holds the update
-            return y
+            return _merged_output(self, y)
         N, r, s = self.n_heads, self.r, self.scaling
         x, h = x.to(self.lora_A.weight.dtype), y.reshape(-1, y.shape[-1])  # h: (M, d_out)
         if self.router is not None:                                      # HydraLoRA
@@ -134,14 +121,18 @@ class MultiHeadLoRALinear(nn.Module):
 
     @property
     def merged(self):
-        return self.folded is not None
+        return self.folded_A.numel() > 0
 
     def delta_weight(self, A=None, B=None, A0=None, B0=None):   # s (mean_i(B_i) A - B0 A0), fp32
         if A is None:
             A, B, A0, B0 = self.lora_A.weight, self.lora_B, self.lora_A0, self.lora_B0
         dW = B.float().mean(0) @ A.float()                                # (d_out, d_in)
         dW = self.scaling * (dW if A0 is None else dW - B0.float() @ A0.float())
-        return dW.to(self.base.weight.device)             # `folded` may sit elsewhere after .to()
+        return dW.to(self.base.weight.device)
+
+    def _folded(self):                                          # what merge() folded: (A, B[, A0, B0])
+        return [b for b in (self.folded_A, self.folded_B, getattr(self, "folded_A0", None),
+                            getattr(self, "folded_B0", None)) if b is not None]
 
     @torch.no_grad()
     def merge(self):
@@ -150,24 +141,19 @@ class MultiHeadLoRALinear(nn.Module):
             raise ValueError("a routed (HydraLoRA) layer cannot be merged: its update changes with "
                              "the input through the router; keep it unmerged, or use router=False")
         if not self.merged:
-            adapter = (self.lora_A.weight, self.lora_B, self.lora_A0, self.lora_B0)
-            self.folded = tuple(t.detach().clone() for t in adapter if t is not None)
+            self.folded_A, self.folded_B = self.lora_A.weight.clone(), self.lora_B.clone()
+            if self.lora_A0 is not None:
+                self.folded_A0, self.folded_B0 = self.lora_A0.clone(), self.lora_B0.clone()
             W = self.base.weight
-            W.copy_((W.float() + self.delta_weight(*self.folded)).to(W.dtype))
+            W.copy_((W.float() + self.delta_weight(*self._folded())).to(W.dtype))
 
     @torch.no_grad()
     def unmerge(self):
         """W0 = W - the update that was merged."""
         if self.merged:
             W = self.base.weight
-            W.copy_((W.float() - self.delta_weight(*self.folded)).to(W.dtype))
-            self.folded = None
-
-    def get_extra_state(self):              # the merged state travels with the state_dict
-        return self.folded
-
-    def set_extra_state(self, state):
-        self.folded = state
+            W.copy_((W.float() - self.delta_weight(*self._folded())).to(W.dtype))
+            _folded_buffers(self)
 
     def extra_repr(self):
         return (f"r={self.r}, n_heads={self.n_heads}, alpha={self.alpha}, init={self.init}, "
@@ -175,69 +161,26 @@ class MultiHeadLoRALinear(nn.Module):
 
 
 def _check_hparams(base, r, n_heads, alpha, dropout, router, init):
-    if not isinstance(base, nn.Linear):
+    if base is not None and not isinstance(base, nn.Linear):
         raise ValueError(f"MultiHeadLoRALinear wraps an nn.Linear, got a {type(base).__name__}")
     inits = ("zero",) if router else ("zero", "offset")   # a routed update has no constant start
-    if not (isinstance(r, int) and r >= 1 and isinstance(n_heads, int) and n_heads >= 1
-            and 0 < alpha < 1e30 and 0 <= dropout < 1 and init in inits):
-        raise ValueError(f"multi-head LoRA needs integers rank r >= 1 and n_heads >= 1, alpha in "
-                         f"(0, 1e30) (s = alpha / r), dropout in [0, 1), init in {inits} (router="
-                         f"{router}); got {r=}, {n_heads=}, {alpha=}, {dropout=}, {init=}")
-
-
-def _find_targets(model: nn.Module, targets):
-    """Dotted names of the nn.Linear layers whose name ends with one of `targets` (peft-style)."""
-    targets = [targets] if isinstance(targets, str) else list(targets)
-    modules = dict(model.named_modules())
-    found = [n for n in modules if any(n == t or n.endswith("." + t) for t in targets)]
-    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in found)]
-    if not targets or unmatched:
-        linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-        raise ValueError(f"targets {unmatched or targets} match no layer of the model; name "
-                         f"some of its nn.Linear layers (by the end of their names): {linears[:20]}")
-    for name in found:
-        parent, mod = modules[name.rpartition(".")[0]], modules[name]
-        if hasattr(parent, "lora_A") or hasattr(mod, "lora_A"):
-            raise ValueError(f"'{name}' is an adapter or inside one: adapt each layer once")
-        if isinstance(parent, nn.MultiheadAttention):
-            raise ValueError(f"'{name}' belongs to nn.MultiheadAttention, which reads its weight "
-                             "directly, so an adapter would do nothing; target other layers")
-        if not isinstance(mod, nn.Linear):
-            raise ValueError(f"target '{name}' is a {type(mod).__name__}, not an nn.Linear")
-    return found
+    if not (_is_int(r, 1) and _is_int(n_heads, 1) and _is_num(alpha, 1e-30, 1e30)
+            and _is_num(dropout, 0, 1) and isinstance(router, bool) and init in inits):
+        raise ValueError(f"multi-head LoRA needs integers rank r >= 1 and n_heads >= 1, a number "
+                         f"alpha in (0, 1e30) (s = alpha / r), dropout in [0, 1), router True or "
+                         f"False, init in {inits} (router={router!r}); got {r=}, {n_heads=}, "
+                         f"{alpha=}, {dropout=}, {init=}")
 
 
 def add_multihead_lora(model: nn.Module, targets=("q", "k", "v", "o", "up", "down"), r: int = 4,
                        n_heads: int = 3, alpha: float = 32.0, dropout: float = 0.0,
-                       router: bool = True, init: str = "zero") -> list:
-    """Wrap, in place, every nn.Linear whose dotted name ends with a target; freeze every
-    parameter that is not an adapter's. Returns the wrapped names."""
-    names = _find_targets(model, targets)
-    new = {n: MultiHeadLoRALinear(model.get_submodule(n), r, n_heads, alpha, dropout, router, init)
-           for n in names}                                               # all checked first
-    adapters = {id(p) for m in [m for _, m in multihead_layers(model)] + list(new.values())
-                for k, p in m.named_parameters() if not k.startswith("base.")}
-    for p in model.parameters():
-        if id(p) not in adapters:
-            p.requires_grad_(False)
-    for name, layer in new.items():
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, layer)
-    _keep_off_fast_paths(model)
-    return names
-
-
-def _keep_off_fast_paths(model):
-    """nn.TransformerEncoder(Layer)'s inference fast paths read linear1.weight themselves and
-    would crash on or skip an adapter: the nested-tensor path is turned off by a flag, the
-    layer's fused path by any hook (here a no-op one)."""
-    for m in model.modules():
-        if isinstance(m, nn.TransformerEncoder) and multihead_layers(m):
-            m.use_nested_tensor = False
-        if isinstance(m, nn.TransformerEncoderLayer):
-            for _, layer in multihead_layers(m):
-                if not layer._forward_pre_hooks:
-                    layer.register_forward_pre_hook(lambda module, args: None)
+                       router: bool = True, init: str = "zero", fp32_adapter: bool = True) -> list:
+    """Wrap, in place, every nn.Linear whose dotted name ends with a target; freeze every parameter
+    that is not an adapter's (the adapters of earlier add_* calls, of any file, keep their state).
+    Returns the wrapped names."""
+    _check_hparams(None, r, n_heads, alpha, dropout, router, init)
+    return _adapt(model, targets, lambda base: MultiHeadLoRALinear(
+        base, r, n_heads, alpha, dropout, router, init, fp32_adapter))
 
 
 def multihead_layers(model: nn.Module):
@@ -255,6 +198,13 @@ def unmerge_multihead_lora(model: nn.Module):
         m.unmerge()
 
 
+def merge_and_unload_multihead_lora(model: nn.Module) -> nn.Module:
+    """Merge every (router-free) multi-head layer and put its nn.Linear back in its place: a plain
+    model with the same outputs. Returns the model (in place). Routed layers refuse, first."""
+    merge_multihead_lora(model)
+    return _unload(model, MultiHeadLoRALinear)
+
+
 def multihead_state_dict(model: nn.Module) -> dict:
     """Only the adapter tensors (lora_A, lora_B, router; lora_A0, lora_B0 with init="offset")."""
     return {f"{n}.{k}".lstrip("."): v.detach().clone() for n, m in multihead_layers(model)
@@ -263,14 +213,8 @@ def multihead_state_dict(model: nn.Module) -> dict:
 
 def load_multihead_state_dict(model: nn.Module, state: dict):
     """Load tensors saved by multihead_state_dict into a model adapted with the same settings."""
-    own = multihead_state_dict(model)
-    bad = sorted(k for k in own.keys() | state.keys()
-                 if k not in own or k not in state or own[k].shape != state[k].shape)
-    if not own or bad or any(m.merged for _, m in multihead_layers(model)):
-        raise ValueError(f"load into an unmerged model adapted alike (add_multihead_lora, same "
-                         f"targets, r, n_heads, router, init); tensors that do not fit: {bad[:4]}")
-    model.load_state_dict(state, strict=False)
-
+    _load_adapters(model, state, multihead_state_dict(model), [m for _, m in multihead_layers(model)],
+                   "add_multihead_lora")
 
 @torch.no_grad()
 def head_similarity(model: nn.Module) -> dict:
@@ -327,3 +271,166 @@ def routing_table(records: dict, task_ids: torch.Tensor, n_tasks: int, mask=None
     sums = W.new_zeros(n_tasks, N).index_add_(0, t, W[mask])                # (n_tasks, N)
     counts = torch.bincount(t, minlength=n_tasks).to(W.dtype)               # (n_tasks,)
     return sums / counts[:, None]
+
+# ------------------------------------------------------------------------------------------------
+# Plumbing, the same in lora.py, multihead_lora.py and mtl_lora.py: a first read can skip it.
+
+
+def _is_int(x, lo):                            # an integer >= lo (numpy's too; not a bool)
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= lo
+
+
+def _is_num(x, lo, hi):                        # a real number in [lo, hi) (not a bool; NaN is not)
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and lo <= x < hi
+
+
+def _adapter_dtype(base, fp32_adapter):
+    """fp32 on a half-precision (bf16/fp16) base unless fp32_adapter=False; else the base's."""
+    half = base.weight.dtype in (torch.float16, torch.bfloat16)
+    return torch.float32 if fp32_adapter and half else base.weight.dtype
+
+
+def _find_targets(model, targets):
+    """Dotted names of the nn.Linear layers whose name ends with one of `targets` (peft-style),
+    every name under which a layer is reachable (tied layers have several)."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"the model to adapt must be an nn.Module, got {type(model).__name__}")
+    targets = [targets] if isinstance(targets, str) else targets
+    if not (isinstance(targets, (list, tuple, set)) and targets
+            and all(isinstance(t, str) and t for t in targets)):
+        raise ValueError(f"targets must be a layer name or a list of names (the ends of dotted "
+                         f"names, e.g. ['q', 'v']), got {targets!r}")
+    modules = dict(model.named_modules(remove_duplicate=False))
+    hit = lambda n, t: n == t or n.endswith("." + t)
+    found = [n for n in modules if any(hit(n, t) for t in targets)]
+    unmatched = [t for t in targets if not any(hit(n, t) for n in found)]
+    if unmatched:
+        linears = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+        raise ValueError(f"targets {unmatched} match no layer of the model; name some of its "
+                         f"nn.Linear layers (by the end of their names): {linears[:20]}")
+    for name in found:
+        parent, mod = modules[name.rpartition(".")[0]], modules[name]
+        if hasattr(parent, "lora_A") or hasattr(mod, "lora_A"):
+            raise ValueError(f"'{name}' is an adapter or inside one: adapt each layer once")
+        if isinstance(parent, nn.MultiheadAttention):
+            raise ValueError(f"'{name}' belongs to nn.MultiheadAttention, which reads its weight "
+                             "directly, so an adapter would do nothing; target other layers")
+        if not isinstance(mod, nn.Linear):
+            raise ValueError(f"target '{name}' is a {type(mod).__name__}, not an nn.Linear")
+    return found
+
+
+def _adapt(model, targets, make):
+    """Put make(layer) in the place of each target layer (one wrapper for a layer reachable under
+    several names); freeze every parameter outside an adapter layer (one with a `lora_A`) of any
+    of the three files, so files combine; switch off the encoders' fast paths."""
+    names = _find_targets(model, targets)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    new = {}
+    for name in names:
+        if id(modules[name]) not in new:
+            new[id(modules[name])] = make(modules[name])
+    keep = {id(p) for m in list(model.modules()) + list(new.values()) if hasattr(m, "lora_A")
+            for k, p in m.named_parameters() if not k.startswith("base.")}
+    for p in model.parameters():
+        if id(p) not in keep:
+            p.requires_grad_(False)
+    for name, mod in modules.items():
+        if id(mod) in new:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, new[id(mod)])
+    _keep_off_fast_paths(model)
+    return names
+
+
+def _unload(model, cls):
+    """Put each `cls` layer's (merged) base nn.Linear back in its place, under all its names."""
+    if isinstance(model, cls):
+        return model.base
+    for name, mod in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(mod, cls):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, mod.base)
+    return model
+
+
+def _keep_off_fast_paths(model):
+    """nn.TransformerEncoder(Layer)'s inference fast paths read linear1.weight themselves and
+    would crash on or skip an adapter: the nested-tensor path is turned off by a flag, the
+    layer's fused path by any forward pre-hook (here a no-op one that pickles)."""
+    for m in model.modules():
+        if not isinstance(m, (nn.TransformerEncoder, nn.TransformerEncoderLayer)):
+            continue
+        adapters = [a for a in m.modules() if hasattr(a, "lora_A")]
+        if isinstance(m, nn.TransformerEncoder) and adapters:
+            m.use_nested_tensor = False
+        if isinstance(m, nn.TransformerEncoderLayer):
+            for a in adapters:
+                if _no_op not in a._forward_pre_hooks.values():
+                    a.register_forward_pre_hook(_no_op)
+
+
+def _no_op(module, args):
+    return None
+
+
+def _folded_buffers(layer, *names):
+    """(Re)set the buffers folded_<name> that merge() fills (no names: every one) to empty, which
+    means unmerged. They are in the state_dict as plain tensors, so a merged model saves and
+    reloads exactly; a load resizes them first (merged into unmerged and back)."""
+    names = names or [n[len("folded_"):] for n, _ in layer.named_buffers(recurse=False)
+                      if n.startswith("folded_")]
+    for n in names:
+        old = getattr(layer, "folded_" + n, layer.lora_A.weight)           # keeps its dtype
+        layer.register_buffer("folded_" + n, old.new_empty(0, device=layer.lora_A.weight.device))
+    if _resize_folded not in layer._load_state_dict_pre_hooks.values():
+        layer._register_load_state_dict_pre_hook(_resize_folded, with_module=True)
+
+
+def _resize_folded(layer, state, prefix, *args):
+    for n, b in layer.named_buffers(recurse=False):
+        if n.startswith("folded_") and torch.is_tensor(state.get(prefix + n)):
+            setattr(layer, n, torch.empty_like(state[prefix + n], device=b.device, dtype=b.dtype))
+
+
+def _merged_output(layer, h):
+    if layer.training and torch.is_grad_enabled():
+        warnings.warn(f"a merged {type(layer).__name__} is training: its adapter is not used and "
+                      "gets no gradient; unmerge to train, or call model.eval() to serve", stacklevel=2)
+    return h
+
+
+def _load_adapters(model, state, own, layers, add):
+    """Load adapter tensors (as <file>_state_dict gives them) into a model adapted alike."""
+    if not own or any(m.merged for m in layers):
+        raise ValueError(f"load into a model adapted alike and unmerged: {add}(model, ...) first, "
+                         f"with the same settings; {add.replace('add_', 'unmerge_')}(model) if merged")
+    bad = sorted(k for k in own.keys() | state.keys()
+                 if k not in own or k not in state or own[k].shape != state[k].shape)
+    if bad:
+        raise ValueError(f"adapter tensors do not fit this model at {bad[:4]}: missing, unexpected "
+                         "or of another shape; load into a model adapted alike (the same targets, "
+                         "rank and other settings); a whole state_dict loads with load_state_dict")
+    model.load_state_dict(state, strict=False)
+
+# Our choices and the limits of this file:
+# - M-LoRA takes the mean of the heads (the paper says sum and mean in different places).
+# - HydraLoRA's authors draw a dropout mask per head on x; ours shares one on x (one A x, not N).
+# - M-LoRA's dropout acts per head on z = A x, as in the Align-LoRA authors' code.
+# - init="offset": the authors subtract the start from W0 (the same function); we keep W0 untouched.
+# - init="offset" draws B_i like nn.Linear(r, d_out); s stays alpha/r (the authors: alpha/sqrt(r)).
+# - Routing weights are computed only inside `record_routing` (hooks): training pays nothing.
+# - head_similarity is nan for N = 1 or an all-zero head (cosine undefined).
+# - Dtypes: on a bf16/fp16 base the adapter is fp32 by default, as in peft (in half precision
+#   small updates are lost to rounding); fp32_adapter=False keeps the base's dtype. x is cast to
+#   the adapter's dtype and the update to the output's, so autocast works.
+# - merge() forms the update in fp32 and casts once; in bf16, merge then unmerge restores W0 only
+#   to bf16 rounding. A merged layer keeps the A and B it folded in as buffers (folded_A,
+#   folded_B), so unmerge() is exact even if they change, and a merged model saves (torch.save, HF
+#   save_pretrained, Trainer checkpoints) and reloads exactly. Training a merged layer warns.
+# - add_multihead_lora freezes every parameter that is not an adapter's, a classification head too
+#   (as peft does without modules_to_save): set requires_grad_(True) on what should train besides.
+# - Only nn.Linear: HF GPT-2's Conv1D (weight stored transposed) is refused, not adapted.
+# - nn.MultiheadAttention's out_proj is refused: MHA reads its weight directly, an adapter there
+#   would do nothing. nn.TransformerEncoder's inference fast paths also read linear1.weight
+#   directly; add_multihead_lora switches them off in the encoders it adapts.

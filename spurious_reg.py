@@ -72,6 +72,9 @@ class MTCRL(nn.Module):
         return torch.sigmoid(_fp32_or_wider(self.G))
 
     def forward(self, h: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:  # h (B, ..., d)
+        if not (torch.is_tensor(h) and h.dim() >= 2 and h.shape[-1] == self.d):
+            raise ValueError(f"h must be a representation (B, ..., d) with d = {self.d} features, the "
+                             f"d of MTCRL(d, ...); got shape {tuple(getattr(h, 'shape', ()))}")
         self._check_ids(task_ids, h.shape[0], "task_ids", 0, self.n_tasks)
         K = self.n_modules
         # h_k: h cut into K modules, (B, ..., K, d/K)
@@ -117,8 +120,8 @@ class MTCRL(nn.Module):
         T, E, B = self.n_tasks, self.n_envs, losses.shape[0]
         self._check_ids(task_ids, B, "task_ids", 0, T)
         self._check_ids(env_ids, B, "env_ids", -1, E)
-        if not (losses.requires_grad and self.G.requires_grad and torch.is_grad_enabled()):
-            return self.G.new_zeros((), dtype=torch.float32)            # nothing depends on G
+        if not (self.G.requires_grad and torch.is_grad_enabled()):
+            return self.G.new_zeros((), dtype=torch.float32)            # G does not train
         r = _fp32_or_wider(losses)                                      # (B,) per-sample risks
         in_t = (task_ids[:, None] == torch.arange(T, device=r.device)).to(r.dtype)  # (B, T) 1-hot
         in_e = (env_ids[:, None] == torch.arange(E, device=r.device)).to(r.dtype)   # (B, E), -1: 0
@@ -126,8 +129,12 @@ class MTCRL(nn.Module):
         # R_t^e = mean of r_i over task t's samples in environment e: (T, E)
         R = (in_t * r[:, None]).t() @ in_e / n.clamp(min=1)
         # dR_t^e / dG_t for all t: row t of d(sum_t R_t^e) / dG, as R_t^e reads only G_t: (E, T, K)
-        dR = torch.stack([torch.autograd.grad(R[:, e].sum(), self.G, create_graph=True,
-                                              materialize_grads=True)[0] for e in range(E)])
+        dR = [torch.autograd.grad(R[:, e].sum(), self.G, create_graph=True, allow_unused=True)[0]
+              if R.requires_grad else None for e in range(E)]
+        if all(g is None for g in dR):
+            raise ValueError("the losses do not depend on the graph G: compute them from the output "
+                             "of crl(h, task_ids), e.g. head(crl(h, task_ids)), not from h")
+        dR = torch.stack([torch.zeros_like(self.G) if g is None else g for g in dR])
         # ||dR_t^e / dG_t||^2: (T, E), exactly 0 where task t has no sample in e
         sq = _fp32_or_wider(dR).pow(2).sum(-1).t()
         # sum_t mean_e, the mean over the environments where task t has samples (none: adds 0)

@@ -219,14 +219,14 @@ def test_remove_and_context_manager_leave_no_hooks():
 
 
 @pytest.mark.parametrize("ids, mask, msg", [
-    (torch.tensor([0.0, 1, 0, 1]), None, "integer tensor"),
-    ([0, 1, 0, 1], None, "integer tensor"),
+    (torch.tensor([0.0, 1, 0, 1]), None, "task_ids must be integers"),
+    ("0101", None, "task_ids must be integers"),
     (torch.tensor([0, 1, 0]), None, "do not fit 3 task ids"),
     (torch.tensor([0, 1, 0, 1, 0, 1]), torch.ones(6, 2, dtype=torch.bool), "do not fit"),
     (torch.tensor([[0, 1, 0, 1]]), None, "shape"),
     (torch.tensor([], dtype=torch.long), None, "B >= 1"),
-    (torch.tensor([0, 1, 0, 1]), torch.ones(4, 3), "bool mask"),
-    (torch.tensor([0, 1, 0, 1]), [[True] * 3] * 4, "bool mask"),
+    (torch.tensor([0, 1, 0, 1]), torch.ones(4, 3), "bool or integer"),
+    (torch.tensor([0, 1, 0, 1]), [[True] * 3] * 4, "bool or integer"),
     (torch.tensor([0, 1, 0, 1]), torch.ones(4, 2, dtype=torch.bool), "do not fit"),
     (torch.tensor([0, 1, 0, 1]), torch.ones(4, dtype=torch.bool), "do not fit")])
 def test_bad_call_inputs_raise(ids, mask, msg):
@@ -249,7 +249,7 @@ def test_bad_construction_and_outputs_raise():
             align_lora.AlignmentLoss(Probe(), **{"n_tasks": 2, **kw})
     for zs, msg in [([torch.randn(4, 3, 2), torch.randn(4, 5, 2)], "same L"),   # layers disagree
                     ([torch.randn(4)], "do not fit"),
-                    ([torch.randn(12, 2)], "with mask"),                 # flat tokens, no mask
+                    ([torch.randn(12, 2)], "with a mask"),               # flat tokens, no mask
                     ([(torch.randn(4, 3, 2),)], r"\[\(\)\] do not fit")]:      # not a tensor
         probe = Probe(len(zs))
         align = align_lora.AlignmentLoss(probe, 2)

@@ -120,7 +120,7 @@ def test_load_rejects_mismatch():
 
 
 @pytest.mark.parametrize("kw, msg", [(dict(targets=["nope"]), "match no layer"),
-                                     (dict(targets=[]), "match no layer"),
+                                     (dict(targets=[]), "targets must be"),
                                      (dict(alpha=float("inf")), "alpha"),
                                      (dict(alpha=float("nan")), "alpha"),
                                      (dict(dropout=float("nan")), "dropout"),

@@ -367,7 +367,7 @@ def test_routing_table_bad_inputs(args, msg):
 
 
 @pytest.mark.parametrize("kw, msg", [(dict(targets=["nope"]), "match no layer"),
-                                     (dict(targets=[]), "match no layer"),
+                                     (dict(targets=[]), "targets must be"),
                                      (dict(r=0), "rank"), (dict(r=2.5), "rank"),
                                      (dict(n_heads=0), "n_heads"), (dict(n_heads=2.0), "n_heads"),
                                      (dict(alpha=0), "alpha"), (dict(dropout=1.0), "dropout"),
