@@ -1,12 +1,13 @@
 """Fine-tune a small pre-trained transformer on a tiny multi-task benchmark with one method.
 
-    python train.py --method align              # pre-trains and caches the base once, then adapts it
+    python train.py --method align               # pre-trains and caches the base the first time
     python train.py --method mtl --suite interference --rank 2
-    torchrun --standalone --nproc_per_node=2 train.py --method lora     # data parallel
+    python train.py --method lora --train-samples 256           # a finite training set per task
+    torchrun --standalone --nproc_per_node=2 train.py --method lora       # data parallel
 
-Sections: command line; data; model; adapting a model for a method; training; evaluation; main.
-A run writes <out>/<suite>-<method>-seed<seed>[-<flag><value>...]/ (every setting you changed is
-in the name): metrics.json, adapter.pt (the adapter's weights) and ckpt.pt (to resume or extend).
+Top to bottom: the data, the model, adapting the model for a method (one block per method), the
+training loop, evaluation, the command line and main. A run writes <out>/<suite>-<method>-seed<s>
+[-<flag><value>...]/ (every setting you changed is in the name): metrics.json and adapter.pt.
 """
 import argparse
 import json
@@ -26,172 +27,37 @@ import mtl_lora
 import multihead_lora
 import spurious_reg
 
-# ----------------------------------------------------------------------------- command line
-METHODS = ["none", "full", "lora", "multihead", "mtl", "align", "spurious"]
-METHOD_FLAGS = {"multihead": ["lora_heads", "no_router", "init"], "mtl": ["n_up", "temperature", "diagonal"],
-                "align": ["align_loss", "align_weight"], "spurious": ["modules", "decorr_weight",
-                "sparsity_weight", "invariance_weight", "invariance_warmup", "env_tasks"]}
-ADAPTER_FLAGS = ["rank", "alpha", "dropout", "targets"]            # every method but none and full
-RANGES = {"lr": (1e-7, 1.0), "align_weight": (0, 1e4), "decorr_weight": (0, 1e4), "sparsity_weight": (0, 1e4),
-          "invariance_weight": (0, 1e4), "invariance_warmup": (0, 1)}   # the adapters' are the method files'
-NOT_RESULTS = ["resume", "ckpt_every", "out", "base", "name"]       # change nothing a run computes
-
-
-class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action):          # every default shown; None ones are in the help
-        return action.help if action.default is None else super()._get_help_string(action)
-
-
-def parser():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
-    a = p.add_argument
-    a("--method", default="lora", choices=METHODS, help="none: the base as is; full: full fine-tuning")
-    a("--suite", default="default", choices=["default", "interference"], help="the tasks to adapt to")
-    a("--steps", type=int, default=1000, help="adaptation steps")
-    a("--batch", type=int, default=256, help="samples per step (all processes together)")
-    a("--lr", type=float, default=None, help="peak learning rate (default 3e-3; full: 1e-3)")
-    a("--warmup", type=int, default=50, help="linear warm-up steps, then cosine decay to 10%%")
-    a = p.add_argument_group("adapters (every method but none and full)").add_argument
-    a("--rank", type=int, default=8, help="adapter rank r (multihead: of each head)")
-    a("--alpha", type=float, default=None, help="scaling s = alpha / r (default 2r)")
-    a("--dropout", type=float, default=None, help="adapter dropout (default 0; multihead --no-router: 0.05)")
-    a("--targets", default="q,k,v,o,up,down", help="linear layers to adapt: q k v o (attention) up down (MLP)")
-    a = p.add_argument_group("multihead: HydraLoRA, or M-LoRA with --no-router").add_argument
-    a("--lora-heads", type=int, default=3, help="adapter heads B_i (N)")
-    a("--no-router", action="store_true", help="M-LoRA: the mean of the heads, no router")
-    a("--init", default="zero", choices=["zero", "offset"], help="M-LoRA's heads: zero, or random "
-      "with the start subtracted (the Align-LoRA authors')")
-    a = p.add_argument_group("mtl: MTL-LoRA").add_argument
-    a("--n-up", type=int, default=3, help="shared up-projections B_i (n)")
-    a("--temperature", type=float, default=0.1, help="tau of p_t = softmax(w_t / tau) (the authors')")
-    a("--diagonal", action="store_true", help="diagonal task transforms Lam_t")
-    a = p.add_argument_group("align: Align-LoRA").add_argument
-    a("--align-loss", default="kl", choices=["kl", "mmd"], help="the alignment loss")
-    a("--align-weight", type=float, default=0.2, help="lambda of L_task + lambda * L_align")
-    a = p.add_argument_group("spurious: MT-CRL").add_argument
-    a("--modules", type=int, default=4, help="modules K (chunks of the final hidden state)")
-    a("--decorr-weight", type=float, default=0.01, help="weight of the decorrelation loss")
-    a("--sparsity-weight", type=float, default=0.01, help="weight of the graph's L1")
-    a("--invariance-weight", type=float, default=10.0, help="weight of the IRMv1 penalty")
-    a("--invariance-warmup", type=float, default=0.3, help="fraction of the steps before it starts")
-    a("--env-tasks", default="has7", choices=["has7", "all"], help="samples that carry an environment: "
-      "has7's, or every task's (random ids for the others)")
-    a = p.add_argument_group("model, base and data").add_argument
-    a("--width", type=int, default=64, help="model width")
-    a("--layers", type=int, default=3, help="transformer blocks")
-    a("--attn-heads", type=int, default=4, help="attention heads")
-    a("--base-steps", type=int, default=1500, help="pre-training steps of the base")
-    a("--rho", default="0.8,0.95", help="has7's two training environments: how often the first "
-      "digit's feature agrees with its label (0.1 on the shifted test split)")
-    a = p.add_argument_group("running").add_argument
-    a("--seed", type=int, default=0, help="seed of the adapter init and the training data")
-    a("--eval-samples", type=int, default=1000, help="evaluation samples per task and split")
-    a("--out", default="out", help="folder of the run folders")
-    a("--base", default=os.path.join("out", "base.pt"), help="the cached base model")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when present")
-    a("--autocast", default="auto", choices=["auto", "bf16", "off"], help="bf16 autocast (auto: on CUDA)")
-    a("--compile", action="store_true", help="torch.compile the model")
-    a("--resume", action="store_true", help="continue this run's checkpoint, or extend a finished "
-      "run with the same settings to more --steps")
-    a("--ckpt-every", type=int, default=250, help="checkpoint every N steps (0: at the end only)")
-    return p
-
-
-def get_args(argv=None):
-    p = parser()
-    args = p.parse_args(argv)
-    default = p.parse_args(["--method", args.method] + ["--no-router"] * args.no_router)
-    given = [k for k, v in vars(args).items() if v != getattr(default, k)]    # the flags typed
-    # the defaults that depend on other flags
-    args.lr = args.lr or (1e-3 if args.method == "full" else 3e-3)
-    args.alpha = 2.0 * args.rank if args.alpha is None else args.alpha
-    args.dropout = (0.05 if args.method == "multihead" and args.no_router else 0.0) \
-        if args.dropout is None else args.dropout
-    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    args.device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    args.autocast = ("bf16" if args.device == "cuda" else "off") if args.autocast == "auto" else args.autocast
-    try:
-        args.rho = tuple(float(r) for r in args.rho.split(","))
-    except ValueError:
-        p.error(f"--rho takes two comma-separated numbers, e.g. 0.8,0.95; got {args.rho!r}")
-    for k, (lo, hi) in RANGES.items():
-        if not lo <= getattr(args, k) <= hi:
-            p.error(f"--{k.replace('_', '-')} must be a number in [{lo:g}, {hi:g}], got {getattr(args, k)}")
-    if min(args.steps, args.batch, args.width, args.layers, args.attn_heads, args.base_steps,
-           args.eval_samples, args.warmup + 1, args.ckpt_every + 1) < 1:
-        p.error("--steps, --batch, --width, --layers, --attn-heads, --base-steps and --eval-samples "
-                "must be >= 1; --warmup and --ckpt-every >= 0")
-    own = METHOD_FLAGS.get(args.method, []) + (ADAPTER_FLAGS if args.method not in ("none", "full") else [])
-    alien = [k for k in ADAPTER_FLAGS + sum(METHOD_FLAGS.values(), []) if k not in own and k in given]
-    if alien:
-        p.error(f"{' '.join('--' + k.replace('_', '-') for k in alien)}: not a setting of --method "
-                f"{args.method}; drop it, or pick the method it belongs to")
-    if len(args.rho) != 2 or not all(0 <= r <= 1 for r in args.rho) or args.width % args.attn_heads:
-        p.error("--rho takes two numbers in [0, 1] (e.g. 0.8,0.95); --width must divide by --attn-heads")
-    if args.batch % WORLD or args.batch // WORLD < len(SUITES[args.suite]):
-        p.error(f"--batch is global: it must divide by the {WORLD} processes and give each at least "
-                f"one sample of each of the {len(SUITES[args.suite])} tasks")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        p.error("--device cuda asked for, but torch sees no CUDA device")
-    keep = NOT_RESULTS + ["method", "suite", "seed", "no_router", "device", "autocast", "compile"]
-    args.name = "-".join([args.suite, args.method + "-norouter" * args.no_router, f"seed{args.seed}"]
-                         + [flag_text(k, getattr(args, k)) for k in given if k not in keep]
-                         + [f"procs{WORLD}"] * (WORLD > 1))
-    return args
-
-
-def flag_text(k, v):                                 # e.g. rank2, targets-q+v, diagonal
-    v = "+".join(map(str, v)) if isinstance(v, (list, tuple)) else "" if v is True else f"{v:g}" \
-        if isinstance(v, float) else str(v)
-    return k.replace("_", "-") + v
-
-
-def settings(args):
-    """Every setting that changes what a run computes (the run folder's name has the non-default ones)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()
-            if k not in NOT_RESULTS} | {"processes": WORLD}
-
 # ----------------------------------------------------------------------------- data
 # A sample is [task] x1..xL [SEP] y1..ym: digit tokens 0-9, then SEP, PAD and one token per task.
 # Sequence tasks answer L digits; classification tasks answer one digit (0/1), then PAD.
 # The model reads seq[:-1] and predicts seq[1:]; the loss counts answer tokens only.
-
-
 SEP, PAD = 10, 11
 TASKS = ["copy", "reverse", "sort", "inc", "first_ge5", "has7", "sort_desc", "dec", "rotate"]
-VOCAB = 12 + len(TASKS)
 SUITES = {"pretrain": ["copy", "reverse"],
           "default": ["sort", "inc", "first_ge5", "has7"],                # A = first_ge5, B = has7
-          "interference": ["sort", "sort_desc", "inc", "dec", "rotate"]}  # opposite pulls, same inputs
-CLASSIFY = {"first_ge5", "has7"}
+          "interference": ["sort", "sort_desc", "inc", "dec", "rotate"]}  # opposite pulls
 ANSWER = {   # x (n, L) digits -> answer (n, L) or label (n,)
     "copy": lambda x: x, "reverse": lambda x: x.flip(1),
     "sort": lambda x: x.sort(1).values, "sort_desc": lambda x: x.sort(1, descending=True).values,
     "inc": lambda x: (x + 1) % 10, "dec": lambda x: (x + 9) % 10, "rotate": lambda x: x.roll(-1, 1),
     "first_ge5": lambda x: (x[:, 0] >= 5).long(), "has7": lambda x: (x == 7).any(1).long(),
 }
-SPLIT_SEED = {"train": 1, "val": 2, "test": 3}
-L, RHO_SHIFT, NOISE = 8, 0.1, 0.25              # digits per input; has7's shifted agreement, noise
-BASE_LR, BASE_BATCH = 3e-3, 256                 # pre-training of the base
+SPLIT_SEED = {"train": 1, "val": 2, "test": 3, "train-set": 4}
+L, RHO_SHIFT, NOISE = 8, 0.1, 0.25      # digits per input; has7's shifted agreement, label noise
 
 
 def data_seed(split, seed, step=0):
     return (SPLIT_SEED[split] * 1_000_003 + seed) * 1_000_003 + step
 
 
-def make_batch(tasks, n, seed, L=L, rho=(0.8, 0.95), rho_shift=RHO_SHIFT, noise=NOISE, shifted=False,
-               device="cpu", env_tasks="has7"):
-    """n samples mixing `tasks` evenly (task = i % len(tasks)), made on `device` from one seed.
-
-    Returns idx (n, 2L+1) inputs; targets (n, 2L+1), -100 where there is no answer token;
-    clean (n, 2L+1), the targets with has7's clean label; task (n,) index into `tasks`;
-    env (n,): has7's training environment 0 / 1 (rho[0] / rho[1]), 2 on the shifted split, and
-    -1 (no environment) for the other tasks' samples (env_tasks="all": their random 0 / 1 draw).
-
-    has7 (task B) is built like Colored MNIST: clean label y = "contains a 7"; the training label
-    flips y with prob. `noise`; the first digit is then drawn so that first_ge5's feature (A:
-    "first digit >= 5") equals the noisy label with prob. rho[env]. Reading it is a shortcut.
-    """
+def make_batch(tasks, n, seed, L=L, rho=(0.8, 0.95), rho_shift=RHO_SHIFT, noise=NOISE,
+               shifted=False, device="cpu", env_tasks="has7", env_source="annotated"):
+    """n samples, task i % len(tasks), from one seed: idx (n, 2L+1) inputs, targets (n, 2L+1)
+    (-100: no answer token), clean (targets with has7's clean label), task (n,), env (n,).
+    has7 is built like Colored MNIST: y = "contains a 7", flipped with prob. `noise`; the first
+    digit then agrees with the noisy label (first_ge5's feature, a shortcut) with prob. rho[env]
+    (env 0 / 1; the shifted split: rho_shift, env 2). Other tasks' env: -1 (none), or with
+    env_tasks="all" a random 0 / 1. env_source="derived": has7's env is its first_ge5 label."""
     g = torch.Generator(device=device)
     g.manual_seed(seed)
     rand = lambda *shape: torch.rand(shape, generator=g, device=device)
@@ -199,7 +65,7 @@ def make_batch(tasks, n, seed, L=L, rho=(0.8, 0.95), rho_shift=RHO_SHIFT, noise=
     task = torch.arange(n, device=device) % len(tasks)                # (n,) an even mix
     env = digit(0, 2, n) if not shifted else torch.full((n,), 2, device=device)
     x = digit(0, 10, n, L)                                            # (n, L)
-    is_b = torch.zeros(n, 1, dtype=torch.bool, device=device)
+    is_b = torch.zeros(n, dtype=torch.bool, device=device)
     if "has7" in tasks:
         y = rand(n) < 0.5                                             # clean label
         xb = digit(0, 9, n, L)
@@ -212,41 +78,45 @@ def make_batch(tasks, n, seed, L=L, rho=(0.8, 0.95), rho_shift=RHO_SHIFT, noise=
         high = digit(0, 4, n)
         high = high + 5 + (high >= 2).long()                          # 5, 6, 8 or 9 (no 7)
         xb[:, 0] = torch.where(a, high, digit(0, 5, n))
-        is_b = (task == tasks.index("has7"))[:, None]
-        x = torch.where(is_b, xb, x)
+        is_b = task == tasks.index("has7")
+        x = torch.where(is_b[:, None], xb, x)
+        if env_source == "derived":                                   # needs no annotation
+            env = torch.where(is_b, (x[:, 0] >= 5).long(), env)
     if env_tasks == "has7":
-        env = torch.where(is_b[:, 0], env, -1)
+        env = torch.where(is_b, env, -1)
     ans, task_tok = torch.full((n, L), PAD, device=device), torch.zeros_like(task)
-    for i, t in enumerate(tasks):                                     # a few tasks, all vectorized
+    for i, t in enumerate(tasks):                                     # a few tasks, vectorized
         out = ANSWER[t](x)
-        if t in CLASSIFY:
+        if out.dim() == 1:                                            # a label, then padding
             out = torch.cat([out[:, None], ans[:, 1:]], 1)
         ans = torch.where((task == i)[:, None], out, ans)
         task_tok = torch.where(task == i, 12 + TASKS.index(t), task_tok)
-    sep = torch.full((n, 1), SEP, device=device)
-    seq = torch.cat([task_tok[:, None], x, sep, ans], 1)              # (n, 2L+2)
-    clean = seq[:, 1:].clone()
+    seq = torch.cat([task_tok[:, None], x, torch.full((n, 1), SEP, device=device), ans], 1)
+    clean = seq[:, 1:].clone()                                        # (n, 2L+1)
     clean[:, :L + 1] = -100
     clean[clean == PAD] = -100
     targets = clean.clone()
     if "has7" in tasks:
-        targets[:, L + 1] = torch.where(is_b[:, 0], y_noisy.long(), clean[:, L + 1])
+        targets[:, L + 1] = torch.where(is_b, y_noisy.long(), clean[:, L + 1])
     return dict(idx=seq[:, :-1], targets=targets, clean=clean, task=task, env=env)
 
 
-def batch_for(args, tasks, n, split, step=0, shifted=False, seed=None, rank=0):
-    """A batch of `split` (train: a fresh one per step and process; val and test: fixed draws)."""
-    seed = (args.seed if seed is None else seed) if split == "train" else 0
-    return make_batch(tasks, n, data_seed(split, seed, step) + (rank << 50), L, args.rho,
-                      RHO_SHIFT, NOISE, shifted, args.device, args.env_tasks)
+def draw(data_set, sizes, n, seed):
+    """n samples (task i % T) drawn with replacement from a finite set made by make_batch with
+    max(sizes) * T samples, of which task t uses its first sizes[t] (sample j * T + t)."""
+    g = torch.Generator(device=data_set["idx"].device)
+    g.manual_seed(seed)
+    t = torch.arange(n, device=g.device) % len(sizes)                # (n,) each sample's task
+    j = (torch.rand(n, generator=g, device=g.device) * sizes.to(g.device)[t]).long()
+    return {k: v[j * len(sizes) + t] for k, v in data_set.items()}
 
 # ----------------------------------------------------------------------------- model
 
 
 @dataclass
 class GPTConfig:
-    vocab: int = VOCAB
-    block: int = 17
+    vocab: int = 12 + len(TASKS)
+    block: int = 2 * L + 1
     width: int = 64
     layers: int = 3
     heads: int = 4
@@ -255,8 +125,7 @@ class GPTConfig:
 class Block(nn.Module):
     def __init__(self, c: GPTConfig):
         super().__init__()
-        d = c.width
-        self.heads = c.heads
+        d, self.heads = c.width, c.heads
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
         self.up, self.down = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False)
@@ -288,23 +157,18 @@ class GPT(nn.Module):
     def forward(self, idx):                                           # -> logits (B, T, vocab)
         return self.head(self.features(idx))
 
-
-def model_config(args):
-    return GPTConfig(VOCAB, 2 * L + 1, args.width, args.layers, args.attn_heads)
-
 # ----------------------------------------------------------------------------- adapting a model
 
 
 class TaskModel(nn.Module):
-    """The GPT with a method's adapters, plus what the method wires around it: MTL-LoRA's layers
-    read each sample's task id; MT-CRL's graph gates the final hidden state before the head.
-    forward(idx, task) -> (logits, final hidden state)."""
+    """The GPT with a method's adapters and what the method wires around it: MTL-LoRA's layers
+    read each sample's task id; MT-CRL's graph gates the final hidden state before the head."""
 
     def __init__(self, gpt, crl=None, task_aware=False):
         super().__init__()
         self.gpt, self.crl, self.task_aware = gpt, crl, task_aware
 
-    def forward(self, idx, task):
+    def forward(self, idx, task):                                     # -> logits, final state h
         if self.task_aware:
             with mtl_lora.task_ids(self.gpt, task):
                 h = self.gpt.features(idx)                            # (B, T, d)
@@ -313,77 +177,74 @@ class TaskModel(nn.Module):
         return self.gpt.head(h if self.crl is None else self.crl(h, task)), h
 
 
-def build_model(args, base_state=None, n_tasks=None):
-    """The base (random weights if base_state is None: to check the settings) with the method's
-    adapters; a bad adapter setting stops with the method file's message."""
-    torch.manual_seed(args.seed)
-    gpt, n_tasks = GPT(model_config(args)), n_tasks or len(SUITES[args.suite])
-    if base_state is not None:
-        gpt.load_state_dict(base_state)
-    hp, m, crl = dict(r=args.rank, alpha=args.alpha, dropout=args.dropout), args.method, None
-    try:
-        if m == "none":
-            gpt.requires_grad_(False)
-        elif m in ("lora", "align", "spurious"):
-            lora.add_lora(gpt, args.targets, **hp)
-        elif m == "multihead":
-            multihead_lora.add_multihead_lora(gpt, args.targets, n_heads=args.lora_heads,
-                                              router=not args.no_router, init=args.init, **hp)
-        elif m == "mtl":
-            mtl_lora.add_mtl_lora(gpt, n_tasks, args.targets, n_up=args.n_up, tau=args.temperature,
-                                  diagonal=args.diagonal, **hp)
-        if m == "spurious":
-            crl = spurious_reg.MTCRL(args.width, n_tasks, args.modules)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    return TaskModel(gpt, crl, task_aware=m == "mtl").to(args.device)
+@dataclass
+class Method:                          # what a method adds to the GPT, for training and the report
+    model: TaskModel                   # the GPT with its adapters; forward(idx, task)
+    state: object                      # () -> the tensors to save (adapter.pt)
+    extra_loss: object = None          # (step, batch, logits, h) -> a term added to the loss
+    learned: object = None             # (batch) -> {name: what it learned, per task or layer}
+    hint: str = ""                     # its flags to lower if the loss blows up
 
 
-def regularizer(model, args, tasks, steps):
-    """The method's extra loss term, (step, batch, logits, h) -> scalar, or None."""
-    if args.method == "align":
-        align = align_lora.AlignmentLoss(model.gpt, len(tasks), kind=args.align_loss)   # hooks lora_A
-        return lambda step, b, logits, h: args.align_weight * align(b["task"], b["idx"] != PAD)
-    if args.method != "spurious":
-        return None
-    crl = model.crl
+def adapt(gpt, args, n_tasks):
+    """Put args.method's adapters on the (pre-trained) GPT, in place: one block per method."""
+    m, hp = args.method, dict(r=args.rank, alpha=args.alpha, dropout=args.dropout)
+    if m == "none":                                                   # the base as it is
+        gpt.requires_grad_(False)
+        return Method(TaskModel(gpt), state=dict)
+    if m == "full":                                                   # every weight trains
+        return Method(TaskModel(gpt), state=gpt.state_dict)
+    if m == "lora":
+        lora.add_lora(gpt, args.targets, **hp)
+        return Method(TaskModel(gpt), state=lambda: lora.lora_state_dict(gpt))
+    if m == "multihead":                                              # HydraLoRA, or M-LoRA
+        multihead_lora.add_multihead_lora(gpt, args.targets, n_heads=args.lora_heads,
+                                          router=not args.no_router, init=args.init, **hp)
 
-    def reg(step, b, logits, h):
-        answer = b["targets"] != -100                                      # (B, T)
+        def learned(b):
+            sims = multihead_lora.head_similarity(gpt).items()                # per layer
+            out = {"head_similarity": {k: None if math.isnan(v) else v for k, v in sims}}
+            if not args.no_router:
+                with multihead_lora.record_routing(gpt) as w:
+                    gpt.features(b["idx"])
+                out["routing"] = multihead_lora.routing_table(w, b["task"], n_tasks,
+                                                              b["idx"] != PAD)   # task x head
+            return out
+        return Method(TaskModel(gpt), lambda: multihead_lora.multihead_state_dict(gpt),
+                      learned=learned)
+    if m == "mtl":                                                    # reads the task ids
+        mtl_lora.add_mtl_lora(gpt, n_tasks, args.targets, n_up=args.n_up, tau=args.temperature,
+                              diagonal=args.diagonal, **hp)
+        p_t = lambda b: {"mixing_weights": torch.stack(list(mtl_lora.mixing_weights(gpt)
+                                                             .values())).mean(0)}  # task x B_i
+        return Method(TaskModel(gpt, task_aware=True), lambda: mtl_lora.mtl_state_dict(gpt),
+                      learned=p_t, hint=", --temperature")
+    if m == "align":                                                  # L_task + lambda L_align
+        lora.add_lora(gpt, args.targets, **hp)
+        align = align_lora.AlignmentLoss(gpt, n_tasks, kind=args.align_loss)   # hooks lora_A
+        extra = lambda step, b, logits, h: args.align_weight * align(b["task"], b["idx"] != PAD)
+        return Method(TaskModel(gpt), lambda: lora.lora_state_dict(gpt), extra,
+                      hint=", --align-weight")
+    lora.add_lora(gpt, args.targets, **hp)                            # spurious: MT-CRL on the
+    crl = spurious_reg.MTCRL(args.width, n_tasks, args.modules)       # final hidden state
+
+    def extra(step, b, logits, h):
+        answer = b["targets"] != -100                                 # (B, T) answer tokens
         tok = F.cross_entropy(logits.float().transpose(1, 2), b["targets"], reduction="none")
-        risk = tok.sum(1) / answer.sum(1)                                  # (B,) per-sample risk
-        loss = args.decorr_weight * crl.decorrelation(h, answer) + args.sparsity_weight * crl.sparsity()
-        w = spurious_reg.warmup_weight(step, steps, args.invariance_weight, args.invariance_warmup)
+        risk = tok.sum(1) / answer.sum(1)                             # (B,) per-sample risk
+        loss = args.decorr_weight * crl.decorrelation(h, answer) + args.sparsity_weight * \
+            crl.sparsity()
+        w = spurious_reg.warmup_weight(step, args.steps, args.invariance_weight,
+                                       args.invariance_warmup)
         return loss + w * crl.invariance(risk, b["task"], b["env"]) if w > 0 else loss
-    return reg
-
-
-def adapter_state(model, method):
-    if method == "full":
-        return dict(model.gpt.state_dict())
-    get = {"multihead": multihead_lora.multihead_state_dict, "mtl": mtl_lora.mtl_state_dict,
-           "none": lambda m: {}}.get(method, lora.lora_state_dict)
-    crl = {} if model.crl is None else {f"crl.{k}": v for k, v in model.crl.state_dict().items()}
-    return get(model.gpt) | crl
+    return Method(TaskModel(gpt, crl), lambda: lora.lora_state_dict(gpt) | {"crl.G": crl.G.detach()},
+                  extra, lambda b: {"graph": crl.gates()},            # g = sigmoid(G): task x module
+                  ", --invariance-weight, --decorr-weight")
 
 # ----------------------------------------------------------------------------- training
 # Under torchrun (WORLD > 1) each process trains on its share of every global batch, drawn with
 # its own seed; DDP averages the gradients; process 0 alone prints and writes files.
 RANK, WORLD = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-HINTS = {"mtl": ", --temperature", "align": ", --align-weight",
-         "spurious": ", --invariance-weight, --decorr-weight"}
-
-
-def log(*a, **kw):
-    if RANK == 0:
-        print(*a, **kw)
-
-
-def save_atomic(obj, path, save=torch.save):
-    """Written whole or not at all (temp file + rename), by process 0 only."""
-    if RANK == 0:
-        save(obj, path + ".tmp")
-        os.replace(path + ".tmp", path)
 
 
 def lr_at(step, steps, warmup, peak):
@@ -393,39 +254,32 @@ def lr_at(step, steps, warmup, peak):
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))    # cosine decay to 10%
 
 
-def train(model, args, tasks, steps, lr, desc, ckpt=None, info=None, start=None, seed=None,
-          batch=None, extra=None):
-    """AdamW on the trainable parameters, warm-up + cosine, clipping; `extra(step, batch, logits,
-    h)` is added to the loss. Writes the checkpoint `ckpt` (with `info`, the settings) every
-    --ckpt-every steps and at the end; `start`: a checkpoint to continue from.
-    Returns (steps/s, [(step, loss) every 25 steps])."""
-    seed, batch = args.seed if seed is None else seed, batch or args.batch
+def train(model, batches, steps, lr, warmup, extra=None, bf16=False, start=None,
+          checkpoint=None, every=0):
+    """AdamW on the trainable parameters, warm-up then cosine decay, gradient clipping; the loss
+    is cross-entropy + extra(step, batch, logits, h); batches(step) gives the step's batch.
+    checkpoint(state) is called every `every` steps; start: such a state to continue from.
+    Returns the loss every 25 steps and at the end, and steps per second."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        return 0.0, []
+    if not params:                                                    # --method none
+        return [], 0.0
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    if WORLD > 1:
-        torch.manual_seed(seed + 1_000_003 * RANK)                   # each process its own dropout
-    step0, losses = 0, []
-    if start is not None:
+    device, step0, losses = params[0].device.type, 0, []
+    if start is not None:                   # the trainable weights, the optimizer, the RNG
         model.load_state_dict(start["trainable"], strict=False)
         opt.load_state_dict(start["opt"])
-        torch.set_rng_state(start["rng"].cpu())
-        if start.get("cuda_rng") is not None and args.device.startswith("cuda"):
-            torch.cuda.set_rng_state(start["cuda_rng"].cpu())
+        torch.set_rng_state(start["rng"])
+        if device == "cuda":
+            torch.cuda.set_rng_state(start["cuda_rng"])
         step0, losses = start["step"], start["losses"]
-    if args.compile:              # the body only: MT-CRL's penalty differentiates head and graph twice
-        torch._dynamo.reset()     # a fresh cache: dynamo's guards can miss align's hooks on lora_A
-        model.gpt.features = torch.compile(model.gpt.features)        # and reuse an older graph
     fwd = nn.parallel.DistributedDataParallel(model) if WORLD > 1 else model
-    autocast = torch.autocast(args.device.split(":")[0], torch.bfloat16, enabled=args.autocast == "bf16")
     model.train()
     t0 = time.perf_counter()
-    for step in (bar := tqdm(range(step0, steps), desc, total=steps, initial=step0, disable=RANK != 0)):
+    for step in tqdm(range(step0, steps), "train", steps, initial=step0, disable=RANK != 0):
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, args.warmup, lr)
-        b = batch_for(args, tasks, batch // WORLD, "train", step, seed=seed, rank=RANK)
-        with autocast:
+            group["lr"] = lr_at(step, steps, warmup, lr)
+        b = batches(step)
+        with torch.autocast(device, torch.bfloat16, enabled=bf16):
             logits, h = fwd(b["idx"], b["task"])
         loss = F.cross_entropy(logits.float().flatten(0, 1), b["targets"].flatten())
         if extra is not None:
@@ -434,41 +288,39 @@ def train(model, args, tasks, steps, lr, desc, ckpt=None, info=None, start=None,
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
-        save = ckpt and (step + 1 == steps or args.ckpt_every and (step + 1) % args.ckpt_every == 0)
-        if (step + 1) % 25 == 0 or step + 1 == steps or save:      # a host read: not every step
+        if (step + 1) % 25 == 0 or step + 1 == steps:                # a host read: not every step
             value = loss.detach()
             if WORLD > 1:
-                torch.distributed.all_reduce(value)                  # the global batch's loss
-            value = value.item() / WORLD
-            if not math.isfinite(value):
-                raise SystemExit(f"error: the loss became {value} by step {step + 1} of {desc}: "
-                                 f"lower --lr or --alpha{HINTS.get(args.method, '')}, or raise --warmup")
-            losses.append((step + 1, value))
-            bar.set_postfix(loss=f"{value:.4f}")
-        if save:
+                torch.distributed.all_reduce(value)                   # the global batch's loss
+            losses.append([step + 1, value.item() / WORLD])
+            if not math.isfinite(losses[-1][1]):
+                raise FloatingPointError(f"the loss became {losses[-1][1]} by step {step + 1}")
+        if checkpoint and every and (step + 1) % every == 0 and step + 1 < steps:
             trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-            save_atomic(dict(step=step + 1, settings=info, trainable=trained, losses=losses,
-                             opt=opt.state_dict(), rng=torch.get_rng_state(), cuda_rng=torch.cuda.
-                             get_rng_state() if args.device.startswith("cuda") else None), ckpt)
+            checkpoint(dict(step=step + 1, trainable=trained, opt=opt.state_dict(), losses=losses,
+                            rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state()
+                            if device == "cuda" else None))
     model.eval()
-    return (steps - step0) / max(time.perf_counter() - t0, 1e-9), losses
+    return losses, (steps - step0) / max(time.perf_counter() - t0, 1e-9)
 
 # ----------------------------------------------------------------------------- evaluation
 
 
 @torch.no_grad()
-def evaluate(model, args, tasks):
-    """Exact-match accuracy per task (every answer token the arg-max under teacher forcing) against
-    clean labels, on the validation draw ("val", for tuning), the test draw ("test") and the
-    shifted test draw ("shift": has7's shortcut reversed; the other tasks' data does not shift).
-    "shortcut": what answering has7 from the first digit alone scores."""
-    out, n = {}, args.eval_samples * len(tasks)
-    for split, data, shifted in [("val", "val", False), ("test", "test", False), ("shift", "test", True)]:
-        b = batch_for(args, tasks, n, data, shifted=shifted)
-        right = torch.cat([((model(i, t)[0].argmax(-1) == c) | (c == -100)).all(1)
-                           for i, t, c in zip(*(b[k].split(2048) for k in ("idx", "task", "clean")))])
-        acc = torch.zeros(len(tasks), device=args.device).index_add_(0, b["task"], right.float())
-        out[split] = dict(zip(tasks, (acc / torch.bincount(b["task"], minlength=len(tasks))).tolist()))
+def evaluate(model, splits, tasks):
+    """Exact-match accuracy per task (every answer token the arg-max under teacher forcing)
+    against clean labels; on has7 also what its shortcut, the first digit alone, scores."""
+    out = {}
+    for split, b in splits.items():
+        right = []
+        for i in range(0, len(b["idx"]), 2048):                       # in chunks: bounded memory
+            pred, c = model(b["idx"][i:i + 2048], b["task"][i:i + 2048])[0].argmax(-1), \
+                b["clean"][i:i + 2048]
+            right.append(((pred == c) | (c == -100)).all(1))
+        right = torch.cat(right).float()                              # (n,) 1: all answer right
+        n = torch.bincount(b["task"], minlength=len(tasks))
+        out[split] = dict(zip(tasks, (torch.zeros(len(tasks), device=right.device)
+                                      .index_add_(0, b["task"], right) / n).tolist()))
         if "has7" in tasks:
             is_b = b["task"] == tasks.index("has7")
             guess = (b["idx"][is_b, 1] >= 5).long()
@@ -476,186 +328,361 @@ def evaluate(model, args, tasks):
     return out
 
 
-@torch.no_grad()
-def examples(model, args, tasks, k=2):
-    """k test samples per task: the input, the expected answer and the model's."""
-    b = batch_for(args, tasks, k * len(tasks), "test")
-    pred, lines = model(b["idx"], b["task"])[0].argmax(-1), []
+def report(acc, tasks):
+    lines = [f"{'task':<12}" + "".join(f"{s:>8}" for s in acc)]
+    for t in tasks + (["shortcut"] if "has7" in tasks else []):
+        lines.append(f"{t:<12}" + "".join(f"{a[t]:>8.1%}" if t in a else f"{'-':>8}"
+                                          for s, a in acc.items()))
+    return "\n".join(lines + ["(accuracy on clean labels; shortcut: has7 read off the first digit)"])
+
+
+def examples(model, b, tasks):
+    """Test samples: input, expected answer, the model's (every answer token its arg-max)."""
+    pred, lines = model(b["idx"], b["task"])[0].argmax(-1), ["examples (input -> answer, model):"]
     for i in b["task"].argsort(stable=True).tolist():
-        keep = b["clean"][i] != -100                                     # the answer tokens
+        keep = b["clean"][i] != -100                                  # the answer tokens
         want, got = b["clean"][i][keep].tolist(), pred[i][keep].tolist()
         lines.append(f"  {tasks[b['task'][i]]:<10} {' '.join(map(str, b['idx'][i, 1:L + 1].tolist()))}"
                      f"  ->  {' '.join(map(str, want))}   model: {' '.join(map(str, got))}"
                      + ("" if got == want else "   (wrong)"))
-    return "examples (test draw: input -> expected answer, the model's answer):\n" + "\n".join(lines)
+    return "\n".join(lines)
+
+# ----------------------------------------------------------------------------- command line
+METHODS = ["none", "full", "lora", "multihead", "mtl", "align", "spurious"]
+TARGETS = ["q", "k", "v", "o", "up", "down"]
+OWN = {"adapters": ["rank", "alpha", "dropout", "targets"],        # the flags of some methods
+       "multihead": ["lora_heads", "no_router", "init"], "mtl": ["n_up", "temperature", "diagonal"],
+       "align": ["align_loss", "align_weight"], "spurious": ["modules", "decorr_weight",
+       "sparsity_weight", "invariance_weight", "invariance_warmup", "env_tasks", "env_source"]}
+BASE = dict(lr=3e-3, batch=256, warmup=50)                          # the base's pre-training
 
 
-@torch.no_grad()
-def diagnostics(model, args, tasks):
-    """What the method learned (layer means): multi-head LoRA's head similarity and routing (task x
-    head), MTL-LoRA's p_t (task x up-projection), MT-CRL's graph (task x module)."""
-    out = {}
-    if args.method == "multihead":
-        sim = multihead_lora.head_similarity(model.gpt)                 # nan: undefined
-        out["head_similarity"] = {k: None if math.isnan(v) else v for k, v in sim.items()}
-        if not args.no_router:
-            b = batch_for(args, tasks, 200 * len(tasks), "test")
-            with multihead_lora.record_routing(model.gpt) as rec:
-                model(b["idx"], b["task"])
-            out["routing"] = multihead_lora.routing_table(rec, b["task"], len(tasks), b["idx"] != PAD).tolist()
-    if args.method == "mtl":
-        out["mixing_weights"] = torch.stack(list(mtl_lora.mixing_weights(model.gpt).values())).mean(0).tolist()
-    if model.crl is not None:
-        out["graph"] = model.crl.gates().tolist()
-    text = []
-    if "head_similarity" in out:
-        v = torch.tensor(list(sim.values()))
-        text.append(f"head similarity (mean pairwise cosine of the flattened B_i, per layer): mean "
-                    f"{v.nanmean():.3f}, min {v.min():.3f}, max {v.max():.3f}")
-    for key, title in [("routing", "mean routing weight, task x head B_i"),
-                       ("mixing_weights", f"p_t = softmax(w_t / {args.temperature}), task x up-projection B_i"),
-                       ("graph", "MT-CRL graph g = sigmoid(G), task x module h_k")]:
-        if key in out:
-            text += [title + ":"] + [f"  {t:<12}" + "".join(f"{v:8.3f}" for v in row)
-                                     for t, row in zip(tasks, out[key])]
-    return "\n".join(text), out
+def between(lo, hi, kind=float):                  # an argparse type: a number in [lo, hi]
+    def number(text):
+        if not lo <= kind(text) <= hi:
+            raise argparse.ArgumentTypeError(f"must be in [{lo:g}, {hi:g}], got {text}")
+        return kind(text)
+    number.__name__ = kind.__name__
+    return number
 
 
-def report(acc, tasks):
-    lines = [f"{'task':<12}{'val':>8}{'test':>8}{'shifted':>9}"]
-    for t in tasks + ["shortcut"] * ("has7" in tasks):
-        shift = f"{acc['shift'][t]:>9.1%}" if t in ("has7", "shortcut") else f"{'-':>9}"
-        lines.append(f"{t:<12}{acc['val'][t]:>8.1%}{acc['test'][t]:>8.1%}{shift}")
-    return "\n".join(lines + ["(shortcut: has7 answered from the first digit alone)"] * ("has7" in tasks))
+def parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
+    a, i, f = p.add_argument, lambda lo, hi: between(lo, hi, int), between
+    a("--method", default="lora", choices=METHODS, help="none: the base as is; full: all weights")
+    a("--suite", default="default", choices=["default", "interference"], help="the tasks")
+    a("--steps", type=i(1, 1e7), default=1000, help="adaptation steps")
+    a("--batch", type=i(1, 1e6), default=256, help="samples per step (all processes together)")
+    a("--lr", type=f(1e-7, 1), help="peak learning rate (default 3e-3; full: 1e-3)")
+    a("--warmup", type=i(0, 1e7), help="linear warm-up steps, then cosine decay to 10%% (default "
+      "min(50, steps / 10))")
+    a("--train-samples", help="a finite training set: N samples per task, or per task, e.g. "
+      "2000,inc=64 (inc 64, the others 2000); default: a fresh batch every step")
+    a = p.add_argument_group("adapters (every method but none and full)").add_argument
+    a("--rank", type=i(1, 4096), default=8, help="adapter rank r (multihead: of each head)")
+    a("--alpha", type=f(1e-6, 1e6), help="scaling s = alpha / r (default 2r)")
+    a("--dropout", type=f(0, 0.99), help="adapter dropout (default 0; M-LoRA 0.05)")
+    a("--targets", default="q,k,v,o,up,down", help="layers: q k v o (attention) up down (MLP)")
+    a = p.add_argument_group("multihead: HydraLoRA, or M-LoRA with --no-router").add_argument
+    a("--lora-heads", type=i(1, 64), default=3, help="adapter heads B_i (N)")
+    a("--no-router", action="store_true", help="M-LoRA: the mean of the heads, no router")
+    a("--init", default="zero", choices=["zero", "offset"], help="M-LoRA's heads: zero, or random "
+      "with the start subtracted (the Align-LoRA authors')")
+    a = p.add_argument_group("mtl: MTL-LoRA").add_argument
+    a("--n-up", type=i(1, 64), default=3, help="shared up-projections B_i (n)")
+    a("--temperature", type=f(1e-3, 1e3), default=0.1, help="tau of p_t = softmax(w_t / tau)")
+    a("--diagonal", action="store_true", help="diagonal task transforms Lam_t")
+    a = p.add_argument_group("align: Align-LoRA").add_argument
+    a("--align-loss", default="kl", choices=["kl", "mmd"], help="the alignment loss")
+    a("--align-weight", type=f(0, 1e4), default=0.2, help="lambda of L_task + lambda L_align")
+    a = p.add_argument_group("spurious: MT-CRL").add_argument
+    a("--modules", type=i(1, 4096), default=4, help="modules K: chunks of the final state")
+    a("--decorr-weight", type=f(0, 1e4), default=0.01, help="weight of the decorrelation loss")
+    a("--sparsity-weight", type=f(0, 1e4), default=0.01, help="weight of the graph's L1")
+    a("--invariance-weight", type=f(0, 1e4), default=10.0, help="weight of the IRMv1 penalty")
+    a("--invariance-warmup", type=f(0, 1), default=0.3, help="share of the steps before it")
+    a("--env-tasks", default="has7", choices=["has7", "all"], help="the samples in environments: "
+      "has7's, or every task's (random ids for the others)")
+    a("--env-source", default="annotated", choices=["annotated", "derived"], help="has7's "
+      "environment: the data's (rho), or derived: first_ge5's label of the same input")
+    a = p.add_argument_group("model, base and data").add_argument
+    a("--width", type=i(1, 4096), default=64, help="model width")
+    a("--layers", type=i(1, 64), default=3, help="transformer blocks")
+    a("--attn-heads", type=i(1, 64), default=4, help="attention heads")
+    a("--base-steps", type=i(1, 1e7), default=1500, help="pre-training steps of the base")
+    a("--rho", default="0.8,0.95", help="has7's two training environments: how often the first "
+      "digit's feature agrees with its label (0.1 on the shifted test split)")
+    a = p.add_argument_group("running").add_argument
+    a("--seed", type=i(0, 2**31 - 1), default=0, help="seed of the adapter init and the data")
+    a("--eval-samples", type=i(1, 1e5), default=1000, help="evaluation samples per task, split")
+    a("--out", default="out", help="folder of the run folders")
+    a("--base", help="the cached base model (default: <out>/base.pt)")
+    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when present")
+    a("--autocast", default="auto", choices=["auto", "bf16", "off"], help="auto: bf16 on CUDA")
+    a("--compile", action="store_true", help="torch.compile the model's body")
+    a("--resume", action="store_true", help="continue this run, interrupted, from its ckpt.pt")
+    a("--ckpt-every", type=i(0, 1e7), default=250, help="checkpoint every N steps (0: never)")
+    return p
+
+
+class Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action):           # every default shown; None ones in the help
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def get_args(argv=None):
+    """The command line, checked, with canonical values; args.name names the run folder."""
+    p = parser()
+    args = p.parse_args(argv)
+    tasks, given = SUITES[args.suite], {k for k, v in vars(args).items() if v != p.get_default(k)}
+    own = OWN.get(args.method, []) + (OWN["adapters"] if args.method not in ("none", "full") else [])
+    alien = [k for k in sum(OWN.values(), []) if k in given and k not in own]
+    for wrong, message in [
+            (alien, f"--{' --'.join(alien)}: not a setting of --method {args.method}; drop it"),
+            ((args.warmup or 0) > args.steps, "--warmup must be at most --steps"),
+            (args.width % args.attn_heads, "--width must divide by --attn-heads"),
+            (args.width % args.modules, "--modules must divide --width"),
+            (args.init == "offset" and not args.no_router, "--init offset needs --no-router"),
+            (args.batch % WORLD or args.batch // WORLD < len(tasks), f"--batch is global: it must "
+             f"divide by the {WORLD} processes, each with a sample of each task at least"),
+            (args.device == "cuda" and not torch.cuda.is_available(), "--device cuda: no CUDA"),
+            (args.base is not None and (args.base.endswith(os.sep) or os.path.isdir(args.base)
+                                        or not args.base), "--base takes a file's path")]:
+        if wrong:
+            p.error(message.replace("_", "-"))
+    targets = [t.strip() for t in args.targets.split(",")]
+    if set(targets) - set(TARGETS):
+        p.error(f"--targets takes some of {','.join(TARGETS)}, comma-separated: got {args.targets}")
+    args.targets = [t for t in TARGETS if t in targets]              # canonical: q,q,v is q,v
+    try:
+        args.rho = [float(r) for r in args.rho.split(",")]
+        assert len(args.rho) == 2 and all(0 <= r <= 1 for r in args.rho)
+    except (ValueError, AssertionError):
+        p.error(f"--rho takes two numbers in [0, 1], e.g. 0.8,0.95; got {args.rho}")
+    args.train_samples = sizes(args.train_samples, tasks, p.error)
+    auto = dict(lr=1e-3 if args.method == "full" else 3e-3, alpha=2.0 * args.rank,
+                warmup=min(50, args.steps // 10),
+                dropout=0.05 if args.method == "multihead" and args.no_router else 0.0,
+                device="cuda" if torch.cuda.is_available() else "cpu")   # defaults that follow
+    for k in auto:
+        if getattr(args, k) in (None, "auto"):
+            setattr(args, k, auto[k])
+    auto["autocast"] = "bf16" if args.device == "cuda" else "off"
+    if args.autocast == "auto":
+        args.autocast = auto["autocast"]
+    default = vars(p.parse_args([])) | auto | dict(targets=TARGETS, rho=[0.8, 0.95])
+    name = [args.suite, args.method + ("-norouter" if args.no_router else ""), f"seed{args.seed}"]
+    name += [flag_text(k, v) for k, v in settings(args).items()
+             if k not in ("method", "suite", "seed", "no_router", "processes") and v != default[k]]
+    args.name = "-".join(name + ([f"procs{WORLD}"] if WORLD > 1 else []))
+    args.base = args.base or os.path.join(args.out, "base.pt")
+    return args
+
+
+def sizes(text, tasks, error):
+    """--train-samples: None, N for every task, or a size per task and a bare N for the others;
+    canonical: None, N, or a list in the suite's order."""
+    per = {}
+    for part in [] if text is None else text.split(","):
+        t, _, n = part.strip().rpartition("=")
+        if not (n.isdigit() and 1 <= int(n) <= 10**6 and t in tasks + [""] and t not in per):
+            error(f"--train-samples takes N or task=N, comma-separated (N in [1, 1e6]; tasks "
+                  f"{', '.join(tasks)}), e.g. 2000,inc=64; got {text}")
+        per[t] = int(n)
+    out = [per.get(t, per.get("")) for t in tasks]
+    if text is None:
+        return None
+    if None in out:
+        error(f"--train-samples: no size for {[t for t, n in zip(tasks, out) if n is None]}")
+    return out[0] if len(set(out)) == 1 else out
+
+
+def settings(args):
+    """Every setting that changes what a run computes; the folder's name has the changed ones."""
+    keep = {k: v for k, v in vars(args).items() if k not in ("out", "base", "resume", "ckpt_every",
+                                                             "name")}
+    return keep | {"processes": WORLD}
+
+
+def flag_text(k, v):                                  # e.g. rank2, targetsq+v, diagonal
+    v = "+".join(map(str, v)) if isinstance(v, list) else v
+    return k.replace("_", "-") + ("" if v is True else f"{v:g}" if isinstance(v, float) else str(v))
 
 # ----------------------------------------------------------------------------- main
 
 
-def load(path, what):
-    """torch.load that fails in one line naming the file."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        assert isinstance(obj, dict) and "settings" in obj
-        return obj
-    except Exception as e:
-        raise SystemExit(f"error: cannot read {what} {path} ({type(e).__name__}: it is truncated, "
-                         f"empty or not written by train.py); delete it and run again")
-
-
-def differ(saved, now, ignore=()):
-    return {k: (saved.get(k), v) for k, v in now.items() if k not in ignore and saved.get(k) != v}
-
-
-def get_base(args):
-    """The pre-trained base from --base, or pre-trained now (checkpointed, resumed) and cached."""
-    want = dict(model=asdict(model_config(args)), tasks=SUITES["pretrain"], steps=args.base_steps,
-                lr=BASE_LR, batch=BASE_BATCH)
-    if os.path.exists(args.base):
-        saved = load(args.base, "the cached base")
-        if differ(saved["settings"], want):
-            raise SystemExit(f"error: the cached base {args.base} was trained with other settings "
-                             f"(cached vs now: {differ(saved['settings'], want)}); pass another "
-                             f"--base, or delete {args.base} to pre-train a new one")
-        return saved["state_dict"]
-    ckpt = args.base + ".ckpt"
-    start = load(ckpt, "the base's checkpoint") if os.path.exists(ckpt) else None
-    if start and differ(start["settings"], want):
-        raise SystemExit(f"error: {ckpt} is a checkpoint of a base with other settings; delete it")
-    log(f"pre-training the base on {want['tasks']} ({args.base_steps} steps"
-        + (f", resumed at step {start['step']})" if start else ")") + f"; cached in {args.base}")
-    torch.manual_seed(0)
-    model = TaskModel(GPT(model_config(args))).to(args.device)
-    base_args = argparse.Namespace(**vars(args) | dict(warmup=50))   # not the adaptation's
-    train(model, base_args, SUITES["pretrain"], args.base_steps, BASE_LR, "base", ckpt, want, start,
-          seed=0, batch=BASE_BATCH)
-    acc = evaluate(model, args, SUITES["pretrain"])
-    log("base: " + ", ".join(f"{t} {a:.1%}" for t, a in acc["test"].items()))
-    state = {k: v.cpu() for k, v in model.gpt.state_dict().items()}
-    save_atomic(dict(settings=want, state_dict=state, accuracy=acc), args.base)
+def log(*a, **kw):
     if RANK == 0:
-        os.remove(ckpt)
-    return state
+        print(*a, **kw, flush=True)
 
 
-def resume_point(args, run_dir):
-    """The checkpoint to continue: this run's own, else one of a run with the same training settings
-    and at most as many steps (extending a finished run). Names the settings that differ."""
-    ignore, now = ("eval_samples", "device", "compile"), settings(args)
-    own = os.path.join(run_dir, "ckpt.pt")
-    if os.path.exists(own):
-        ck = load(own, "the checkpoint")
-        if differ(ck["settings"], now, ignore):
-            raise SystemExit(f"error: {own} was written with other settings (then vs now: "
-                             f"{differ(ck['settings'], now, ignore)}); drop --resume or change them back")
-        return ck
-    prefix = args.name.split(f"-seed{args.seed}")[0] + f"-seed{args.seed}"
-    found = [(ck["step"], d, ck) for d in os.listdir(args.out) if d.startswith(prefix)
-             and os.path.exists(p := os.path.join(args.out, d, "ckpt.pt")) and (ck := load(p, "the checkpoint"))
-             and ck["step"] <= args.steps and not differ(ck["settings"], now, ignore + ("steps",))]
-    if not found:
-        raise SystemExit(f"error: nothing to resume: {run_dir} has no checkpoint, and no run in "
-                         f"{args.out} has these settings with at most {args.steps} steps; drop --resume")
-    step, d, ck = max(found, key=lambda f: f[0])
-    log(f"continuing {os.path.join(args.out, d)} (step {step}) to {args.steps} steps")
-    return ck
+def save(path, obj):
+    """Written whole or not at all (a temporary file, flushed to disk, renamed), by process 0;
+    a failed write stops the run naming the file, and leaves no temporary file behind."""
+    if RANK == 0:
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            with open(path + ".tmp", "wb") as f:
+                torch.save(obj, f) if not isinstance(obj, str) else f.write(obj.encode())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(path + ".tmp", path)
+        except (OSError, RuntimeError) as e:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
+            raise SystemExit(f"error: cannot write {path}: {e}")
 
 
-def run(args, reuse=False):
-    """One run: check everything a user can get wrong, pre-train or load the base, adapt, train,
-    evaluate, write the run folder. reuse: return a finished run's metrics instead of refusing."""
-    tasks, t0 = SUITES[args.suite], time.perf_counter()
-    run_dir = os.path.join(args.out, args.name)
-    done = os.path.join(run_dir, "metrics.json")
-    try:                                                  # every check before the long part
-        for d in (run_dir, os.path.dirname(args.base) or "."):
-            os.makedirs(d, exist_ok=True)
-            probe = os.path.join(d, f".writable{RANK}")            # one per process: no race
-            open(probe, "w").close()
-            os.remove(probe)
+def load(path, settings, advice):
+    """A file train.py wrote, of these settings, or one line that names it (and what differs)."""
+    try:
+        obj = json.load(open(path)) if path.endswith(".json") else torch.load(path, "cpu")
+        changed = {k: (obj["settings"].get(k), v) for k, v in json.loads(json.dumps(settings))
+                   .items() if obj["settings"].get(k) != v}
+    except Exception as e:
+        raise SystemExit(f"error: cannot read {path} as a file of train.py ({type(e).__name__})")
+    if changed:
+        raise SystemExit(f"error: {path} has other settings (there vs now: {changed}); {advice}")
+    return obj
+
+
+def writable(folder):
+    """Stop now, not after training, if nothing can be written in `folder`; make no folder."""
+    new, p = [], os.path.abspath(folder)
+    while not os.path.exists(p):
+        new, p = [p] + new, os.path.dirname(p)
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(os.path.join(folder, f".writable{RANK}"), "w").close()   # one per process: no race
+        os.remove(os.path.join(folder, f".writable{RANK}"))
     except OSError as e:
-        raise SystemExit(f"error: cannot write the run folder or the base: {e}")
+        raise SystemExit(f"error: cannot write in {folder}: {e}")
+    finally:
+        for d in reversed(new):
+            if os.path.isdir(d) and not os.listdir(d):
+                os.rmdir(d)
+
+
+def batches(args, tasks, seed, batch, data_set=None, sizes=None):
+    """step -> that step's batch (each process its own): fresh, or from the finite data_set."""
+    def get(step):
+        s = data_seed("train", seed, step) + (RANK << 50)
+        if data_set is not None:
+            return draw(data_set, sizes, batch // WORLD, s)
+        return make_batch(tasks, batch // WORLD, s, L, args.rho, RHO_SHIFT, NOISE, False,
+                          args.device, args.env_tasks, args.env_source)
+    return get
+
+
+def run(args):
+    """One run: every check first; the base (pre-trained and cached the first time); adapt,
+    train, evaluate, write the run folder. A finished run is reported, never retrained."""
+    tasks, folder, t0 = SUITES[args.suite], os.path.join(args.out, args.name), time.time()
+    done, ckpt, now = os.path.join(folder, "metrics.json"), os.path.join(folder, "ckpt.pt"), \
+        settings(args)
+    config = GPTConfig(width=args.width, layers=args.layers, heads=args.attn_heads)
+    pretraining = dict(model=asdict(config), tasks=SUITES["pretrain"], steps=args.base_steps) | BASE
     if os.path.exists(done):
-        saved = json.load(open(done))
-        if differ(saved["settings"], settings(args)):
-            raise SystemExit(f"error: {run_dir} holds a run with other settings (there vs now: "
-                             f"{differ(saved['settings'], settings(args))}); pass another --out")
-        if args.resume and not reuse:
-            raise SystemExit(f"error: nothing to resume: {run_dir} is finished; more --steps extend it")
-        log(f"{run_dir} already holds this run (delete it to train again; --resume with more "
-            f"--steps extends it):\n{report(saved['accuracy'], tasks)}")
+        saved = load(done, now, "pass another --out")
+        log(f"{folder} holds this run, finished:\n" + report(saved["accuracy"], tasks))
         return saved
-    if os.path.exists(os.path.join(run_dir, "ckpt.pt")) and not args.resume:
-        raise SystemExit(f"error: {run_dir} holds an unfinished run: pass --resume to continue it, "
-                         "or delete the folder to start over")
-    start = resume_point(args, run_dir) if args.resume else None
-    n_train = sum(p.numel() for p in build_model(args).parameters() if p.requires_grad)
-    base = get_base(args)
-    model, n_base = build_model(args, base), sum(v.numel() for v in base.values())
-    log(f"{args.name}: {n_train:,} trainable parameters ({n_train / n_base:.2%} of the base's {n_base:,})"
-        + (f"; warning: --rank {args.rank} is above the width {args.width}" if args.rank > args.width else ""))
-    extra = regularizer(model, args, tasks, args.steps)
-    speed, losses = train(model, args, tasks, args.steps, args.lr, args.method,
-                          os.path.join(run_dir, "ckpt.pt"), settings(args), start, extra=extra)
-    acc = evaluate(model, args, tasks)
-    text, learned = diagnostics(model, args, tasks)
-    log("\n".join([report(acc, tasks), examples(model, args, tasks)] + ([text] if text else [])))
+    if os.path.exists(ckpt) and not args.resume:
+        raise SystemExit(f"error: {folder} holds an unfinished run: --resume continues it")
+    if args.resume and not os.path.exists(ckpt):
+        raise SystemExit(f"error: nothing to resume: {ckpt} does not exist; drop --resume")
+    start = load(ckpt, now, "drop --resume") if args.resume else None
+    base = None
+    if os.path.exists(args.base):                     # a cache of train.py's: may be deleted
+        base = load(args.base, pretraining, "pass another --base, or delete it to pre-train anew")
+    try:                                              # the adapter settings, on a random base
+        n_train = sum(p.numel() for p in adapt(GPT(config), args, len(tasks)).model.parameters()
+                      if p.requires_grad)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    writable(folder)
+    writable(os.path.dirname(args.base) or ".")
+    if base is None:                                                  # pre-train the base
+        log(f"pre-training the base on {pretraining['tasks']}; it is cached in {args.base}")
+        torch.manual_seed(0)
+        model = TaskModel(GPT(config)).to(args.device)
+        if WORLD > 1:
+            torch.manual_seed(1_000_003 * RANK)                       # each process its dropout
+        train(model, batches(args, pretraining["tasks"], 0, BASE["batch"]), args.base_steps,
+              BASE["lr"], BASE["warmup"], bf16=args.autocast == "bf16")
+        base = dict(settings=pretraining, state_dict={k: v.cpu() for k, v in
+                                                      model.gpt.state_dict().items()})
+        save(args.base, base)
+    torch.manual_seed(args.seed)                                      # the adapters' init
+    gpt = GPT(config)
+    gpt.load_state_dict(base["state_dict"])
+    method = adapt(gpt, args, len(tasks))
+    model, n_base = method.model.to(args.device), sum(v.numel() for v in base["state_dict"].values())
+    log(f"{args.name}: {n_train:,} trainable parameters ({n_train / n_base:.2%} of {n_base:,})")
+    data_set, n, epochs, kw = None, None, None, dict(L=L, rho=args.rho, device=args.device)
+    if args.train_samples is not None:                                # a finite training set
+        n = torch.tensor(args.train_samples).expand(len(tasks))      # (T,) samples per task
+        data_set = make_batch(tasks, int(n.max()) * len(tasks), data_seed("train-set", args.seed),
+                              **kw, env_tasks=args.env_tasks, env_source=args.env_source)
+        epochs = dict(zip(tasks, (args.steps * args.batch / len(tasks) / n).tolist()))
+        log("a finite training set; epochs: " + ", ".join(f"{t} {e:.1f}" for t, e in epochs.items()))
+    if WORLD > 1:
+        torch.manual_seed(args.seed + 1_000_003 * RANK)               # each process its dropout
+    if args.compile:               # the body only: MT-CRL's penalty differentiates head and graph
+        torch._dynamo.reset()      # twice; a fresh cache: dynamo's guards can miss align's hooks
+        model.gpt.features = torch.compile(model.gpt.features)
+    try:
+        losses, speed = train(model, batches(args, tasks, args.seed, args.batch, data_set, n),
+                              args.steps, args.lr, args.warmup, method.extra_loss,
+                              args.autocast == "bf16",
+                              start, lambda state: save(ckpt, state | dict(settings=now)),
+                              args.ckpt_every)
+    except FloatingPointError as e:
+        if RANK == 0 and os.path.exists(ckpt):                        # it would fail again
+            os.remove(ckpt)
+            if not os.listdir(folder):
+                os.rmdir(folder)
+        raise SystemExit(f"error: {e} of {args.method}: lower --lr or --alpha{method.hint}, "
+                         "or raise --warmup")
+    if args.compile:
+        del model.gpt.features                        # evaluate eagerly: the hooks fire again
+    m = args.eval_samples * len(tasks)
+    splits = {"train": make_batch(tasks, m, data_seed("train-set", args.seed), **kw)}
+    if data_set is not None:              # the finite set's first eval-samples of each task
+        j = torch.arange(len(data_set["idx"]), device=args.device) // len(tasks)  # j of its task
+        keep = j < n.clamp(max=args.eval_samples).to(args.device)[data_set["task"]]
+        splits["train"] = {k: v[keep] for k, v in data_set.items()}
+    for split, seed, shifted in [("val", "val", 0), ("test", "test", 0), ("shift", "test", 1)]:
+        splits[split] = make_batch(tasks, m, data_seed(seed, 0), shifted=shifted, **kw)
+    acc = evaluate(model, splits, tasks)
+    log(report(acc, tasks), examples(model, make_batch(tasks, 2 * len(tasks), data_seed("test", 0),
+                                                          **kw), tasks), sep="\n")
+    learned = {}
+    if method.learned is not None:                    # what its task-specific parts learned
+        learned = method.learned(make_batch(tasks, 200 * len(tasks), data_seed("test", 0), **kw))
+    for k, v in learned.items():                      # per layer, or task x head / B_i / module
+        if isinstance(v, dict):
+            log(f"{k} per layer: " + ", ".join(f"{x:.3f}" for x in v.values() if x is not None))
+        else:
+            learned[k] = v.tolist()
+            log(f"{k}, task x column:\n" + "\n".join(f"  {t:<12}" + "".join(
+                f"{x:8.3f}" for x in row) for t, row in zip(tasks, learned[k])))
     metrics = dict(name=args.name, method=args.method, suite=args.suite, seed=args.seed,
-                   trainable=n_train, base_params=n_base, accuracy=acc, learned=learned, losses=losses,
-                   loss=losses[-1][1] if losses else None, steps_per_s=speed, total_s=time.perf_counter() - t0,
-                   settings=settings(args))
-    save_atomic(adapter_state(model, args.method), os.path.join(run_dir, "adapter.pt"))
-    save_atomic(json.dumps(metrics, indent=1), done, lambda o, p: open(p, "w").write(o))
-    log(f"wrote {run_dir}/: metrics.json, adapter.pt, ckpt.pt; {speed:.1f} steps/s, "
-        f"{metrics['total_s']:.0f}s in all")
+                   trainable=n_train, base_params=n_base, accuracy=acc, learned=learned,
+                   epochs=epochs, losses=losses, loss=losses[-1][1] if losses else None,
+                   steps_per_s=speed, total_s=time.time() - t0, settings=now)
+    save(os.path.join(folder, "adapter.pt"), method.state())
+    save(done, json.dumps(metrics, indent=1))
+    if RANK == 0 and os.path.exists(ckpt):
+        os.remove(ckpt)
+    log(f"wrote {folder}/: metrics.json, adapter.pt; {speed:.1f} steps/s, {time.time() - t0:.0f} s")
     return metrics
 
 
 if __name__ == "__main__":
     args = get_args()
-    if WORLD > 1:                                         # launched by torchrun: one process per rank
-        cuda = args.device == "cuda"
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-        if cuda:
+    if WORLD > 1:                                     # launched by torchrun: one process per rank
+        torch.distributed.init_process_group("nccl" if args.device == "cuda" else "gloo")
+        if args.device == "cuda":
             args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
             torch.cuda.set_device(args.device)
     try:

@@ -16,11 +16,17 @@ METHODS = ["full", "lora", "multihead", "multihead --no-router", "multihead --no
 
 
 def tiny(method, extra=""):
+    """A small model adapted for `method` as train.py does, its args and its extra loss."""
     args = train.get_args(f"--method {method} --width 16 --layers 1 --attn-heads 2 --batch 32 "
-                          f"--warmup 2 --device cpu {extra}".split())
+                          f"--steps 60 --warmup 2 --device cpu {extra}".split())
     torch.manual_seed(0)
-    model = train.build_model(args, train.GPT(train.model_config(args)).state_dict())
-    return args, model, train.regularizer(model, args, train.SUITES["default"], 60)
+    m = train.adapt(train.GPT(train.GPTConfig(width=16, layers=1, heads=2)), args, 4)
+    return args, m.model, m.extra_loss
+
+
+def train_steps(args, model, extra, steps):
+    batches = lambda step: train.make_batch(train.SUITES["default"], args.batch, seed=step)
+    return train.train(model, batches, steps, args.lr, args.warmup, extra, args.autocast == "bf16")
 
 
 def project_reads(monkeypatch):
@@ -45,7 +51,7 @@ def test_no_host_read_in_a_training_step(method, monkeypatch):
     for steps in (10, 60):
         args, model, extra = tiny(method, "--invariance-warmup 0" if method == "spurious" else "")
         counts = project_reads(monkeypatch)
-        train.train(model, args, train.SUITES["default"], steps, args.lr, method, extra=extra)
+        train_steps(args, model, extra, steps)
         reads[steps] = counts[0]
         monkeypatch.undo()
     assert (reads[60] - reads[10]) / 50 <= 1 / 25, reads
@@ -56,7 +62,7 @@ def test_bf16_autocast_on_cpu_runs_what_a_gpu_runs(method):
     args, model, extra = tiny(method, "--autocast bf16")
     assert args.autocast == "bf16"
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    _, losses = train.train(model, args, train.SUITES["default"], 3, args.lr, method, extra=extra)
+    losses, _ = train_steps(args, model, extra, 3)
     assert losses and all(torch.isfinite(torch.tensor(v)) for _, v in losses)
     for n, p in model.named_parameters():
         if n in trainable:                               # fp32 weights, updated under bf16 compute
@@ -88,14 +94,3 @@ def test_compile_traces_a_training_step_without_graph_breaks():
         for _ in range(2 if extra else 0):       # align's hooks, compiled, fill its captures
             logits, h = model(b["idx"], b["task"])
             assert torch.isfinite(extra(59, b, logits, h))
-
-
-def test_compile_flag_trains_one_method_after_another_in_one_process(monkeypatch):
-    """--compile in one process (as compare.py runs): lora, then align, whose hooks must work."""
-    real = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, backend="aot_eager"))
-    for method in ["lora", "align", "spurious"]:
-        args, model, extra = tiny(method, "--compile --invariance-warmup 0" if method == "spurious"
-                                  else "--compile")
-        _, losses = train.train(model, args, train.SUITES["default"], 3, args.lr, method, extra=extra)
-        assert losses and torch.isfinite(torch.tensor(losses[-1][1]))

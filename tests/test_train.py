@@ -1,3 +1,4 @@
+"""train.py: the data, the model, one run of each method, and the run bookkeeping users rely on."""
 import json
 import math
 import os
@@ -21,11 +22,15 @@ def out(tmp_path_factory):
 
 
 def args_for(out, extra=""):
-    return train.get_args(f"{TINY} --out {out} --base {out}/base.pt {extra}".split())
+    return train.get_args(f"{TINY} --out {out} {extra}".split())
 
 
 def run_dir(args):
     return os.path.join(args.out, args.name)
+
+
+def files(folder):
+    return sorted(os.listdir(folder)) if os.path.isdir(folder) else None
 
 # ----------------------------------------------------------------------------- data
 
@@ -93,6 +98,35 @@ def test_only_has7_samples_carry_an_environment():
     assert all(torch.equal(b[k], every[k]) for k in b if k != "env")   # the same data otherwise
     assert (train.make_batch(train.SUITES["interference"], 50, seed=0)["env"] == -1).all()
 
+
+def test_derived_environments_are_first_ge5s_label_of_the_same_input():
+    """No annotation: has7's environment is the first digit's feature, the same data otherwise.
+    Within each derived environment the shortcut feature is constant, and the noisy label's
+    rate differs between them: the shortcut's risk differs across the environments."""
+    tasks = train.SUITES["default"]
+    ann = train.make_batch(tasks, 40_000, seed=3)
+    der = train.make_batch(tasks, 40_000, seed=3, env_source="derived")
+    assert all(torch.equal(ann[k], der[k]) for k in ann if k != "env")
+    b = der["task"] == tasks.index("has7")
+    assert torch.equal(der["env"][b], (der["idx"][b, 1] >= 5).long())
+    assert (der["env"][~b] == -1).all()
+    label = der["targets"][b, train.L + 1].float()
+    rate = [label[der["env"][b] == e].mean().item() for e in (0, 1)]    # P(noisy label 1 | env)
+    assert rate[0] < 0.2 and rate[1] > 0.8                             # rho 0.8 / 0.95 mixed
+
+
+def test_a_finite_training_set_is_drawn_from_with_replacement():
+    tasks, sizes = train.SUITES["default"], torch.tensor([3, 5, 2, 4])
+    data = train.make_batch(tasks, 5 * 4, seed=0)                      # max size 5 per task
+    b = train.draw(data, sizes, 400, seed=1)
+    assert torch.equal(b["task"], torch.arange(400) % 4)
+    for t, n in enumerate(sizes.tolist()):
+        allowed = {tuple(r) for r in data["idx"][t::4][:n].tolist()}   # task t's first n samples
+        seen = {tuple(r) for r in b["idx"][b["task"] == t].tolist()}
+        assert seen == allowed                                          # all of them, only them
+    again = train.draw(data, sizes, 400, seed=1)
+    assert all(torch.equal(b[k], again[k]) for k in b)
+
 # ----------------------------------------------------------------------------- model and runs
 
 
@@ -106,16 +140,18 @@ def test_gpt_is_causal():
 
 
 METHOD_RUNS = ["none", "full", "lora", "multihead", "multihead --no-router",
-               "multihead --no-router --init offset", "mtl", "align", "align --align-loss mmd", "spurious"]
+               "multihead --no-router --init offset", "mtl", "align", "align --align-loss mmd",
+               "spurious", "spurious --env-source derived"]
 
 
 @pytest.mark.parametrize("method", METHOD_RUNS)
 def test_smoke_run_per_method(out, method, capsys):
-    args = args_for(out, f"--method {method} --steps 6")
+    args = args_for(out, f"--method {method} --steps 6 --warmup 2")
     m = train.run(args)
     saved = json.load(open(os.path.join(run_dir(args), "metrics.json")))
-    assert saved["name"] == args.name and set(saved["accuracy"]["test"]) >= set(train.SUITES["default"])
+    assert saved["name"] == args.name and set(saved["accuracy"]) == {"train", "val", "test", "shift"}
     assert saved["settings"]["method"] == method.split()[0] and saved["accuracy"] == m["accuracy"]
+    assert files(run_dir(args)) == ["adapter.pt", "metrics.json"]
     adapter = torch.load(os.path.join(run_dir(args), "adapter.pt"))
     text = capsys.readouterr().out
     assert "trainable parameters" in text and "examples" in text and "model:" in text
@@ -132,57 +168,103 @@ def test_smoke_run_per_method(out, method, capsys):
         assert sum(v.numel() for k, v in adapter.items() if "lora_A0" not in k and "lora_B0" not in k) \
             == m["trainable"]
     if method == "multihead":
-        assert "head similarity" in text and "routing weight" in text and len(m["learned"]["routing"]) == 4
+        assert "head_similarity" in text and "routing" in text and len(m["learned"]["routing"]) == 4
     if method.startswith("multihead --no-router"):
-        assert "head similarity" in text and "routing" not in text
+        assert "head_similarity" in text and "routing" not in text
     if method == "mtl":
-        assert "p_t" in text and len(m["learned"]["mixing_weights"]) == 4
-    if method == "spurious":
+        assert "mixing_weights" in text and len(m["learned"]["mixing_weights"]) == 4
+    if method.startswith("spurious"):
         assert "graph" in text and len(m["learned"]["graph"]) == 4
 
 
-def test_base_is_cached_and_a_mismatch_is_reported(out, capsys):
+def test_base_is_cached_under_out_and_a_mismatch_is_reported(out, capsys):
     train.run(args_for(out, "--method none"))
+    assert os.path.exists(os.path.join(out, "base.pt"))
     capsys.readouterr()
     train.run(args_for(out, "--method none --eval-samples 20"))
     assert "pre-training the base" not in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="other settings"):
+    with pytest.raises(SystemExit, match="base.pt has other settings.*width.*delete it"):
         train.run(args_for(out, "--method none --width 48"))
 
 
-@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", "foreign"])
-def test_unreadable_base_is_one_clear_line(tmp_path, content):
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", "foreign", "json"])
+def test_a_base_that_is_not_ours_is_named_in_one_line_without_advice_to_delete(tmp_path, content):
     base = tmp_path / "base.pt"
     if content == "foreign":
         torch.save({"weights": torch.zeros(2)}, base)
+    elif content == "json":
+        base = tmp_path / "metrics.json"
+        base.write_text('{"accuracy": {}}')
     else:
         base.write_bytes(content)
-    args = train.get_args(f"{TINY} --out {tmp_path} --base {base} --method lora".split())
-    with pytest.raises(SystemExit, match=re.escape(str(base)) + ".*delete it"):
+    args = train.get_args(f"{TINY} --out {tmp_path}/out --base {base} --method lora".split())
+    with pytest.raises(SystemExit, match=re.escape(str(base))) as e:
         train.run(args)
+    assert "delete" not in str(e.value) and "\n" not in str(e.value)
+    assert not os.path.exists(tmp_path / "out")                        # nothing left behind
+
+
+@pytest.mark.parametrize("base", ["{out}/", "{out}", "", "{out}/newdir/"])
+def test_base_must_name_a_file(tmp_path, base, capsys):
+    with pytest.raises(SystemExit):
+        train.get_args(["--out", str(tmp_path), "--base", base.format(out=tmp_path)])
+    assert "--base takes a file's path" in capsys.readouterr().err
+    assert files(tmp_path) == []
 
 
 def test_runs_with_other_settings_keep_their_own_folders(out, capsys):
-    a, b = args_for(out, "--method lora --steps 4"), args_for(out, "--method lora --steps 2")
+    a, b = args_for(out, "--method lora --steps 4 --warmup 2"), args_for(out, "--method lora --steps 2 --warmup 2")
     ma, mb = train.run(a), train.run(b)
     assert run_dir(a) != run_dir(b) and "steps4" in a.name and "steps2" in b.name
     for args, m in [(a, ma), (b, mb)]:               # both results kept
         assert json.load(open(os.path.join(run_dir(args), "metrics.json")))["settings"]["steps"] == \
             m["settings"]["steps"]
-    again = train.run(args_for(out, "--method lora --steps 4"))       # done already: reported, kept
-    assert again["accuracy"] == ma["accuracy"] and "already holds this run" in capsys.readouterr().out
-    assert train.get_args(["--method", "lora"]).name == "default-lora-seed0"
+    before = open(os.path.join(run_dir(a), "metrics.json")).read()
+    again = train.run(args_for(out, "--method lora --steps 4 --warmup 2"))   # reported, kept
+    assert again["accuracy"] == ma["accuracy"] and "holds this run, finished" in capsys.readouterr().out
+    assert open(os.path.join(run_dir(a), "metrics.json")).read() == before
+
+
+def test_the_folder_name_has_every_changed_setting_in_canonical_form():
+    name = lambda flags: train.get_args(flags.split()).name
+    assert name("--method lora") == "default-lora-seed0"
+    assert name("--method lora --lr 0.003 --alpha 16 --targets v,k,q,o,down,up") == "default-lora-seed0"
+    assert name("--targets q,q,v") == name("--targets v,q") == "default-lora-seed0-targetsq+v"
+    assert name("--method multihead --no-router --dropout 0.05") == "default-multihead-norouter-seed0"
+    assert name("--rank 4") == "default-lora-seed0-rank4"              # alpha follows: 2r
+    assert name("--rank 4 --alpha 16") == "default-lora-seed0-rank4-alpha16"
+    assert name("--train-samples 64,inc=64") == name("--train-samples 64") \
+        == "default-lora-seed0-train-samples64"
+    assert name("--train-samples 500,inc=64") == "default-lora-seed0-train-samples500+64+500+500"
+    assert name("--method spurious --env-source derived") == \
+        "default-spurious-seed0-env-sourcederived"
 
 
 def test_a_folder_with_other_settings_is_refused_not_replaced(out):
-    args = args_for(out, "--method lora --steps 3")
+    args = args_for(out, "--method lora --steps 3 --warmup 1")
     train.run(args)
     path = os.path.join(run_dir(args), "metrics.json")
+    saved = json.load(open(path))
+    saved["settings"]["device"] = "cuda"                              # e.g. run on a GPU machine
+    with open(path, "w") as f:
+        json.dump(saved, f)
     before = open(path).read()
-    other = args_for(out, "--method lora --steps 3 --autocast bf16")   # not in the name, but differs
-    with pytest.raises(SystemExit, match="other settings.*autocast"):
-        train.run(other)
+    with pytest.raises(SystemExit, match="other settings.*device"):
+        train.run(args)
     assert open(path).read() == before
+
+
+@pytest.mark.parametrize("content", ["", "{}", '{"settings": {"method": "lora"'])
+def test_an_unreadable_result_is_one_line_and_kept(out, content):
+    args = args_for(out, "--method lora --steps 2 --warmup 1 --seed 7")
+    os.makedirs(run_dir(args), exist_ok=True)
+    path = os.path.join(run_dir(args), "metrics.json")
+    with open(path, "w") as f:
+        f.write(content)
+    with pytest.raises(SystemExit, match=re.escape(path)) as e:
+        train.run(args)
+    assert "\n" not in str(e.value) and open(path).read() == content
+    os.remove(path)
 
 
 @pytest.mark.parametrize("bad_out", ["file", "/proc/nope", "readonly"])
@@ -202,66 +284,85 @@ def test_unwritable_out_fails_before_any_training(tmp_path, bad_out, capsys):
     assert not (tmp_path / "base.pt").exists() and "pre-training" not in capsys.readouterr().out
 
 
-def interrupt(monkeypatch, args, at_batch):
-    """Run `args` and stop it like a Ctrl-C when it asks for batch number `at_batch`."""
-    real, calls = train.make_batch, []
+@pytest.mark.parametrize("flags, msg", [("--targets q,nope", "--targets takes"),
+                                        ("--method multihead --init offset", "--no-router"),
+                                        ("--method spurious --modules 5", "--modules must divide")])
+def test_a_refused_run_leaves_nothing_behind(tmp_path, flags, msg, capsys):
+    with pytest.raises(SystemExit):
+        train.run(train.get_args(f"{TINY} --out {tmp_path}/out {flags}".split()))
+    assert msg in capsys.readouterr().err and not os.path.exists(tmp_path / "out")
 
-    def make_batch(*a, **kw):
-        calls.append(1)
-        if len(calls) == at_batch:
+
+def test_a_failed_write_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
+    def full(fd):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(SystemExit, match=r"cannot write .*x\.json: \[Errno 28\] No space"):
+        train.save(str(tmp_path / "x.json"), "{}")
+    with pytest.raises(SystemExit, match=r"cannot write .*y\.pt"):
+        train.save(str(tmp_path / "y.pt"), {"a": torch.zeros(2)})
+    assert files(tmp_path) == []
+
+
+def interrupt(monkeypatch, args, at_step):
+    """Run `args` and stop it like a kill at the start of step `at_step` (counted from 1)."""
+    real = train.lr_at
+
+    def lr_at(step, *a):
+        if step + 1 == at_step:
             raise KeyboardInterrupt
-        return real(*a, **kw)
-    monkeypatch.setattr(train, "make_batch", make_batch)
+        return real(step, *a)
+    monkeypatch.setattr(train, "lr_at", lr_at)
     with pytest.raises(KeyboardInterrupt):
         train.run(args)
-    monkeypatch.setattr(train, "make_batch", real)
+    monkeypatch.setattr(train, "lr_at", real)
 
 
-def test_resume_gives_the_same_result(tmp_path, monkeypatch, out):
-    flags = "--method lora --steps 12 --dropout 0.1 --ckpt-every 4"
+@pytest.mark.parametrize("finite", ["", "--train-samples 40,inc=8"])
+def test_resume_gives_the_same_result_as_not_stopping(tmp_path, monkeypatch, out, finite):
+    flags = f"--method lora --steps 12 --warmup 3 --dropout 0.1 --ckpt-every 4 {finite}"
     ref = args_for(out, flags)
     train.run(ref)
     want = torch.load(os.path.join(run_dir(ref), "adapter.pt"))
     args = train.get_args(f"{TINY} {flags} --out {tmp_path} --base {out}/base.pt".split())
-    interrupt(monkeypatch, args, at_batch=7)                 # a kill in step 7
-    with pytest.raises(SystemExit, match="unfinished run.*--resume"):
+    interrupt(monkeypatch, args, at_step=7)
+    assert files(run_dir(args)) == ["ckpt.pt"]
+    with pytest.raises(SystemExit, match="unfinished run: --resume"):
         train.run(args)                                     # never silently started over
     args.resume = True
-    train.run(args)
-    got = torch.load(os.path.join(run_dir(args), "adapter.pt"))
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    got = train.run(args)
+    assert got["losses"] == json.load(open(os.path.join(run_dir(ref), "metrics.json")))["losses"]
+    adapter = torch.load(os.path.join(run_dir(args), "adapter.pt"))
+    assert adapter.keys() == want.keys() and all(torch.equal(adapter[k], want[k]) for k in want)
+    assert files(run_dir(args)) == ["adapter.pt", "metrics.json"]   # the checkpoint is gone
 
 
-def test_resume_names_differences_ignores_eval_and_extends_finished_runs(out, capsys):
-    flags = "--method lora --seed 5 --ckpt-every 4"
+def test_resume_continues_only_its_own_unfinished_run(out, monkeypatch):
+    flags = "--method lora --seed 5 --ckpt-every 4 --warmup 2"
     with pytest.raises(SystemExit, match="nothing to resume"):
         train.run(args_for(out, f"{flags} --steps 8 --resume"))
-    short = args_for(out, f"{flags} --steps 8")
-    train.run(short)
-    long = train.run(args_for(out, f"{flags} --steps 12 --resume"))      # extends the 8-step run
-    assert f"continuing {run_dir(short)}" in capsys.readouterr().out
-    assert [s for s, _ in long["losses"]] == [4, 8, 12] and long["settings"]["steps"] == 12
-    again = train.run(args_for(out, f"{flags} --steps 12 --resume --eval-samples 20"))  # no training
-    assert again["losses"] == long["losses"] and again["settings"]["eval_samples"] == 20
-    ckpt = os.path.join(run_dir(short), "ckpt.pt")
-    os.remove(os.path.join(run_dir(short), "metrics.json"))             # unfinished again ...
+    train.run(args_for(out, f"{flags} --steps 8"))
+    with pytest.raises(SystemExit, match="nothing to resume"):      # no extending a finished run
+        train.run(args_for(out, f"{flags} --steps 12 --resume"))
+    args = args_for(out, f"{flags} --steps 12")
+    interrupt(monkeypatch, args, at_step=6)
+    ckpt = os.path.join(run_dir(args), "ckpt.pt")
     ck = torch.load(ckpt)
-    ck["settings"]["lr"] = 1.0                                           # ... with another lr
+    ck["settings"]["lr"] = 1.0                                       # written with another lr
     torch.save(ck, ckpt)
-    with pytest.raises(SystemExit, match="other settings.*'lr': \\(1.0, 0.003\\)"):
-        train.run(args_for(out, f"{flags} --steps 8 --resume"))
+    with pytest.raises(SystemExit, match=r"other settings.*'lr': \(1.0, 0.003\)"):
+        train.run(args_for(out, f"{flags} --steps 12 --resume"))
 
 
-def test_base_pretraining_checkpoints_and_resumes(tmp_path, monkeypatch, out):
-    flags = f"--width 16 --layers 1 --base-steps 60 --ckpt-every 20 --method none --eval-samples 20"
-    ref = train.get_args(f"{flags} --out {tmp_path}/a --base {tmp_path}/a.pt".split())
-    train.run(ref)
-    args = train.get_args(f"{flags} --out {tmp_path}/b --base {tmp_path}/b.pt".split())
-    interrupt(monkeypatch, args, at_batch=45)                # in pre-training's step 45
-    assert torch.load(f"{tmp_path}/b.pt.ckpt")["step"] == 40
-    train.run(args)
-    a, b = torch.load(f"{tmp_path}/a.pt")["state_dict"], torch.load(f"{tmp_path}/b.pt")["state_dict"]
-    assert all(torch.equal(a[k], b[k]) for k in a) and not os.path.exists(f"{tmp_path}/b.pt.ckpt")
+def test_compile_finishes_every_method_with_its_report(out, monkeypatch, capsys):
+    """In one process, as compare.py runs them: routing's hooks report, align's hooks capture,
+    MT-CRL's double backward runs (the graph stays eager)."""
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: real(f, backend="aot_eager"))
+    for method in ["multihead", "align", "spurious --invariance-warmup 0"]:
+        m = train.run(args_for(out, f"--method {method} --steps 3 --warmup 1 --compile"))
+        assert "compile" in m["name"] and m["accuracy"]["test"]
+    assert "routing" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("method, flag", [("mtl", "--temperature"), ("align", "--align-weight"),
@@ -269,49 +370,48 @@ def test_base_pretraining_checkpoints_and_resumes(tmp_path, monkeypatch, out):
 def test_nonfinite_loss_stops_with_a_hint_naming_the_flags(out, monkeypatch, method, flag):
     real = train.GPT.features
     monkeypatch.setattr(train.GPT, "features", lambda self, idx: real(self, idx) * float("nan"))
-    with pytest.raises(SystemExit, match=f"became nan.*{flag}"):
-        train.run(args_for(out, f"--method {method} --steps 3 --seed 9"))
+    args = args_for(out, f"--method {method} --steps 30 --seed 9 --ckpt-every 10")
+    assert args.warmup == 3                                          # min(50, steps / 10)
+    with pytest.raises(SystemExit, match=f"became nan by step 25.*{flag}"):
+        train.run(args)
+    assert not os.path.exists(run_dir(args))                       # it would fail again
 
 
 @pytest.mark.parametrize("argv, msg", [("--method bogus", "invalid choice: 'bogus'"),
                                        ("--align-loss l2", "invalid choice: 'l2'"),
                                        ("--suite nope", "invalid choice: 'nope'"),
-                                       ("--rho 0.8", "two numbers"), ("--rho 0.8,1.5", "two numbers"),
-                                       ("--rho a,b", "comma-separated"), ("--lr -1", "--lr must"),
-                                       ("--lr 1e300", "--lr must"), ("--lr nan", "--lr must"),
-                                       ("--method align --align-weight inf", "--align-weight must"),
-                                       ("--width 30 --attn-heads 4", "divide"),
-                                       ("--base-steps 0", ">= 1"), ("--batch 3", "at least one sample"),
+                                       ("--rho 0.8", "--rho takes two"), ("--rho 0.8,1.5", "two"),
+                                       ("--rho a,b", "--rho takes two"),
+                                       ("--lr 0", r"--lr: must be in \[1e-07, 1\], got 0"),
+                                       ("--lr -1", "--lr: must be"), ("--lr 1e300", "--lr: must"),
+                                       ("--lr nan", "--lr: must be"),
+                                       ("--method align --align-weight inf", "--align-weight: must"),
+                                       ("--width 30 --attn-heads 4", "--width must divide"),
+                                       ("--width 30 --attn-heads 2", "--modules must divide"),
+                                       ("--base-steps 0", "--base-steps: must"),
+                                       ("--batch 3", "--batch is global"),
                                        ("--device tpu", "invalid choice: 'tpu'"),
-                                       ("--method spurious --invariance-weight inf", "--invariance-weight"),
-                                       ("--warmup -5", "--warmup"),
+                                       ("--seed 99999999999999999999", "--seed: must be in"),
+                                       ("--eval-samples 100000000000", "--eval-samples: must"),
+                                       ("--warmup 1000000000000", "--warmup: must be in"),
+                                       ("--warmup 2000", "--warmup must be at most --steps"),
+                                       ("--steps 1.5", "--steps: invalid int value"),
+                                       ("--method mtl --temperature 0", "--temperature: must be"),
+                                       ("--method mtl --n-up 0", "--n-up: must be in"),
+                                       ("--rank 0", "--rank: must be in"),
+                                       ("--method spurious --invariance-weight inf", "--invariance"),
                                        ("--method lora --lora-heads 4", "--lora-heads: not a setting"),
                                        ("--method full --rank 4", "--rank: not a setting"),
-                                       ("--method mtl --align-weight 1", "--align-weight: not a setting")])
-def test_bad_command_lines_are_rejected(argv, msg, capsys):
+                                       ("--method mtl --align-weight 1", "--align-weight: not a"),
+                                       ("--train-samples 0", "--train-samples takes"),
+                                       ("--train-samples inc=64", r"no size for \['sort', 'first_ge5'"),
+                                       ("--train-samples 64,nope=3", "--train-samples takes"),
+                                       ("--train-samples 64,inc=3,inc=4", "--train-samples takes"),
+                                       ("--targets q,nope", "--targets takes")])
+def test_bad_command_lines_are_rejected_naming_the_flag(argv, msg, capsys):
     with pytest.raises(SystemExit):
         train.get_args(argv.split())
     assert re.search(msg, capsys.readouterr().err)
-
-
-@pytest.mark.parametrize("flags, msg", [("--method lora --targets q,nope", "match no layer"),
-                                        ("--method lora --alpha 1e300", "alpha"),
-                                        ("--method lora --rank 0", "rank"),
-                                        ("--method mtl --temperature 0", "tau"),
-                                        ("--method multihead --lora-heads 0", "n_heads"),
-                                        ("--method spurious --modules 5", "n_modules"),
-                                        ("--method multihead --init offset", "offset")])
-def test_bad_adapter_settings_stop_before_pretraining(tmp_path, flags, msg):
-    args = train.get_args(f"{TINY} --out {tmp_path} --base {tmp_path}/base.pt {flags}".split())
-    with pytest.raises(SystemExit, match=msg):
-        train.run(args)
-    assert not (tmp_path / "base.pt").exists()
-
-
-def test_targets_are_stripped_and_a_huge_rank_is_warned_about(out, capsys):
-    assert train.get_args(["--targets", "q, v ,"]).targets == ["q", "v"]
-    train.run(args_for(out, "--method lora --steps 2 --rank 40 --targets up"))
-    assert "warning: --rank 40 is above the width 32" in capsys.readouterr().out
 
 
 def test_help_shows_the_defaults(capsys):
@@ -319,17 +419,33 @@ def test_help_shows_the_defaults(capsys):
         train.get_args(["--help"])
     text = " ".join(capsys.readouterr().out.split())
     for s in ["(default: 1000)", "(default: q,k,v,o,up,down)", "auto: cuda", "--lora-heads",
-              "(default 2r)", "q k v o (attention) up down (MLP)"]:
+              "(default 2r)", "q k v o (attention) up down (MLP)", "--train-samples",
+              "derived: first_ge5's label of the same input"]:
         assert s in text, s
+
+
+def test_a_finite_training_set_reports_its_epochs_and_its_own_accuracy(out, capsys):
+    m = train.run(args_for(out, "--method lora --steps 150 --train-samples 32,sort=8"))
+    assert m["epochs"] == {"sort": 300.0, "inc": 75.0, "first_ge5": 75.0, "has7": 75.0}
+    assert "epochs: sort 300.0, inc 75.0" in capsys.readouterr().out
+    assert set(m["accuracy"]["train"]) == set(m["accuracy"]["test"])
+    assert m["accuracy"]["train"]["sort"] > m["accuracy"]["test"]["sort"] + 0.3   # memorized
 
 
 def test_clean_label_of_task_b_is_learnable(out):
     """At rho 0.5 the first digit carries no information about B's label: LoRA must learn the
     feature itself and beat what the shortcut scores (about 50%)."""
     args = args_for(out, "--method lora --rho 0.5,0.5 --batch 128")
-    model = train.build_model(args, train.get_base(args), n_tasks=1)
-    train.train(model, args, ["has7"], 200, args.lr, "has7")
-    acc = train.evaluate(model, args, ["has7"])
+    train.run(args_for(out, "--method none"))                        # the base, cached
+    torch.manual_seed(0)
+    gpt = train.GPT(train.GPTConfig(width=32, layers=2))
+    gpt.load_state_dict(torch.load(args.base)["state_dict"])
+    model = train.adapt(gpt, args, 1).model
+    batches = lambda step: train.make_batch(["has7"], 128, seed=step, rho=(0.5, 0.5))
+    train.train(model, batches, 200, args.lr, 50)
+    test = train.make_batch(["has7"], 1000, seed=10**6)
+    shift = train.make_batch(["has7"], 1000, seed=10**6, shifted=True)
+    acc = train.evaluate(model, {"test": test, "shift": shift}, ["has7"])
     assert acc["test"]["has7"] > acc["test"]["shortcut"] + 0.25
     assert acc["shift"]["has7"] > acc["shift"]["shortcut"] + 0.25
 
@@ -353,7 +469,7 @@ def test_cuda_run_learns(tmp_path_factory, method):
 
 def test_torchrun_two_processes_match_one(out):
     """torchrun on CPU (gloo): 2 processes, each half of the same global batch, one writer."""
-    flags = f"{TINY} --out {out} --base {out}/base.pt --method lora --steps 40 --eval-samples 100".split()
+    flags = f"{TINY} --out {out} --method lora --steps 40 --eval-samples 100".split()
     one = train.run(train.get_args(flags))                   # also makes sure the base is cached
     torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
     launch = [torchrun] if os.path.exists(torchrun) else [sys.executable, "-m", "torch.distributed.run"]
