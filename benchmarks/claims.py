@@ -1,7 +1,12 @@
 """Each paper's headline claim, tested on our benchmark: one table row per claim, with a verdict.
 
-    python benchmarks/claims.py                 # every run it needs (finished runs are reused)
-    python benchmarks/figures.py                # the pictures, from the results this writes
+    python benchmarks/claims.py                   # every row: both regimes (about 4 hours)
+    python benchmarks/claims.py --regime finite   # the rows on finite training sets only
+    python benchmarks/figures.py                  # the pictures, from the results this writes
+
+Two regimes: "unlimited" (a fresh batch every step, the default of train.py: no sample is seen
+twice, so nothing can be overfit) and "finite" (--train-samples: a fixed training set per task,
+drawn from again and again, where a generalization gap can open); every row names its size.
 
 Every claim compares two settings over the same seeds (3 by default). A run is train.py's run()
 on its default 1000 steps; finished runs (also compare.py's) are reused, so an interrupted claims
@@ -15,10 +20,12 @@ mean(d) + 2 se < -0.5 points.
 Writes <out>/claims.md (the table) and <out>/claims.json (every run's metrics, for the figures).
 """
 import argparse
+import concurrent.futures
 import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -26,6 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import compare  # noqa: E402
 import train  # noqa: E402
 
+TRAIN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train.py")
 D, I = "default", "interference"
 RUNS = {   # label -> (suite, train.py flags); interference runs at rank 2 (capacity-limited)
     "lora": (D, ["--method", "lora"]),
@@ -51,6 +59,30 @@ RUNS = {   # label -> (suite, train.py flags); interference runs at rank 2 (capa
     "i align": (I, ["--method", "align", "--rank", "2"]),
     "i align mmd": (I, ["--method", "align", "--rank", "2", "--align-loss", "mmd"]),
 }
+SIZES, MID, LOW = [64, 256, 1024], 256, "inc"       # training samples per task (the probe's pick)
+LOW_SIZES = "1024,inc=64"                           # one task with few samples among larger ones
+FINITE = {   # label -> (suite, flags): the finite regime
+    **{f"{kind} n{n}": (D, flags + ["--train-samples", str(n)]) for n in SIZES for kind, flags in [
+        ("lora", ["--method", "lora"]), ("align", ["--method", "align"]),
+        ("align l0.02", ["--method", "align", "--align-weight", "0.02"]),
+        ("align mmd", ["--method", "align", "--align-loss", "mmd"])]},
+    f"align mmd l0.02 n{MID}": (D, ["--method", "align", "--align-loss", "mmd", "--align-weight",
+                                    "0.02", "--train-samples", str(MID)]),
+    **{f"i {kind} n{MID}": (I, flags + ["--rank", "2", "--train-samples", str(MID)]) for kind, flags in [
+        ("lora r2", ["--method", "lora"]), ("align", ["--method", "align"]),
+        ("align l0.02", ["--method", "align", "--align-weight", "0.02"]),
+        ("align mmd", ["--method", "align", "--align-loss", "mmd"])]},
+    **{f"{kind} n{MID}": (D, flags + ["--train-samples", str(MID)]) for kind, flags in [
+        ("hydra", ["--method", "multihead"]), ("mlora", ["--method", "multihead", "--no-router"]),
+        ("mtl", ["--method", "mtl"]), ("lora r16", ["--method", "lora", "--rank", "16"])]},
+    **{f"{kind} low": (D, flags + ["--train-samples", LOW_SIZES]) for kind, flags in [
+        ("lora", ["--method", "lora"]), ("hydra", ["--method", "multihead"]),
+        ("mlora", ["--method", "multihead", "--no-router"]), ("mtl", ["--method", "mtl"]),
+        ("align", ["--method", "align"])]},
+    **{f"{kind} n1024": (D, flags + ["--train-samples", "1024"]) for kind, flags in [
+        ("spurious", ["--method", "spurious"]),
+        ("spurious derived", ["--method", "spurious", "--env-source", "derived"])]},
+}
 
 
 def avg(m):
@@ -62,11 +94,21 @@ def shifted_b(m):
     return m["accuracy"]["shift"]["has7"] * 100
 
 
+def low_task(m):
+    return m["accuracy"]["test"][LOW] * 100
+
+
+def gap(m):                          # training-set minus test accuracy, mean over the tasks
+    tasks = train.SUITES[m["suite"]]
+    return sum(m["accuracy"]["train"][t] - m["accuracy"]["test"][t] for t in tasks) / len(tasks) * 100
+
+
 def head_sim(m):                     # median over layers of the mean pairwise cosine of the heads
     return statistics.median(v for v in m["learned"]["head_similarity"].values() if v is not None)
 
 
 CLAIMS = [   # (paper, claim, our setting, metric, a, b or a threshold); "~b": a is competitive with b
+            # the unlimited regime: a fresh batch every step
     ("MTL-LoRA", "beats LoRA under task interference at about the same parameter count (tau 0.1, the authors')",
      "interference, r=2 (14.5k) vs LoRA r=4 (13.8k)", avg, "i mtl", "i lora r4"),
     ("MTL-LoRA", "the same with our earlier tau 0.5",
@@ -105,8 +147,43 @@ CLAIMS = [   # (paper, claim, our setting, metric, a, b or a threshold); "~b": a
     ("MT-CRL", "ours: environments for has7 only (-1, none, elsewhere) beat random ones for every task",
      "default", shifted_b, "spurious", "spurious envs all"),
 ]
+CLAIMS_FINITE = [   # the same, on finite training sets (train.py --train-samples)
+    *[("Align-LoRA", f"beats LoRA at the same rank ({kind}{w}): better generalization",
+       f"default, r=8, {n} per task", avg, f"align{label} n{n}", f"lora n{n}")
+      for kind, w, label, sizes in [("KL", ", lambda 0.2", "", SIZES),
+                                    ("KL", ", lambda 0.02", " l0.02", SIZES),
+                                    ("MMD", ", lambda 0.2", " mmd", SIZES),
+                                    ("MMD", ", lambda 0.02", " mmd l0.02", [MID])] for n in sizes],
+    *[("Align-LoRA", f"beats LoRA at the same rank ({kind})", f"interference, r=2, {MID} per task",
+       avg, f"i align{label} n{MID}", f"i lora r2 n{MID}")
+      for kind, label in [("KL, lambda 0.2", ""), ("KL, lambda 0.02", " l0.02"),
+                          ("MMD, lambda 0.2", " mmd")]],
+    ("Align-LoRA", "narrows the train-test gap (KL, lambda 0.2)", f"default, r=8, {MID} per task",
+     gap, f"lora n{MID}", f"align n{MID}"),
+    ("HydraLoRA", "beats LoRA at the same rank", f"default, r=8, {MID} per task", avg,
+     f"hydra n{MID}", f"lora n{MID}"),
+    ("HydraLoRA", "beats LoRA at about the same parameter count", f"default, r=8 (60.5k) vs LoRA "
+     f"r=16 (55.3k), {MID} per task", avg, f"hydra n{MID}", f"lora r16 n{MID}"),
+    ("Align-LoRA", "M-LoRA beats LoRA at the same parameter count", f"default, r=8 vs LoRA r=16 "
+     f"(55.3k each), {MID} per task", avg, f"mlora n{MID}", f"lora r16 n{MID}"),
+    ("MTL-LoRA", "beats LoRA at about the same parameter count", f"default, r=8 (60.1k) vs LoRA "
+     f"r=16 (55.3k), {MID} per task", avg, f"mtl n{MID}", f"lora r16 n{MID}"),
+    *[(paper, f"helps the low-resource task more than LoRA ({what})",
+       f"default, r=8, {LOW} 64, the others 1024", low_task, f"{label} low", "lora low")
+      for paper, what, label in [("HydraLoRA", "divide, routed", "hydra"),
+                                 ("Align-LoRA", "divide: M-LoRA", "mlora"),
+                                 ("MTL-LoRA", "divide per task", "mtl"),
+                                 ("Align-LoRA", "align: KL, lambda 0.2", "align")]],
+    ("MT-CRL", "raises has7's shifted accuracy over LoRA (annotated environments)",
+     "default, r=8, 1024 per task", shifted_b, "spurious n1024", "lora n1024"),
+    ("MT-CRL", "the same with environments derived from first_ge5's label (no annotation)",
+     "default, r=8, 1024 per task", shifted_b, "spurious derived n1024", "lora n1024"),
+    ("MT-CRL", "derived environments do as well as annotated ones", "default, r=8, 1024 per task",
+     shifted_b, "spurious derived n1024", "~spurious n1024"),
+]
 METRIC = {avg: "mean test accuracy over the tasks, %", shifted_b: "has7 shifted, %",
-          head_sim: "median head cosine"}
+          head_sim: "median head cosine", low_task: f"{LOW}'s test accuracy, %",
+          gap: "training-set minus test accuracy, mean over the tasks, points"}
 
 
 def verdict(d, margin, competitive=False):
@@ -128,10 +205,10 @@ def fmt(xs, digits=1):
     return f"{m:.{digits}f} ± {statistics.stdev(xs):.{digits}f}" if len(xs) > 1 else f"{m:.{digits}f}"
 
 
-def claims_table(results):
+def claims_table(results, claims=CLAIMS):
     lines = ["| paper | claim | our setting | measure | result (mean ± std over seeds) | verdict |",
              "|---|---|---|---|---|---|"]
-    for paper, claim, setting, metric, a, b in CLAIMS:
+    for paper, claim, setting, metric, a, b in claims:
         xa, competitive = [metric(m) for m in results[a]], isinstance(b, str) and b.startswith("~")
         b = b.lstrip("~") if competitive else b
         if isinstance(b, float):
@@ -146,23 +223,59 @@ def claims_table(results):
     return "\n".join(lines)
 
 
+def prerun(runner, runs, jobs):
+    """Train the runs not yet finished `jobs` at a time, each a train.py process on one thread
+    (on a 2-core CPU, two one-thread runs do 1.4x the steps of one two-thread run; a run's last
+    digits depend on its thread count). The runner then reads them back as finished runs."""
+    todo = []
+    for label, (suite, flags) in runs.items():
+        for seed in runner.seeds:
+            argv = runner.common + flags + ["--suite", suite, "--seed", str(seed)]
+            args = train.get_args(argv)
+            folder = os.path.join(args.out, args.name)
+            if not os.path.exists(os.path.join(folder, "metrics.json")):
+                resume = ["--resume"] if os.path.exists(os.path.join(folder, "ckpt.pt")) else []
+                todo.append((f"{label}, seed {seed}", argv + resume))
+    env, t0 = dict(os.environ, OMP_NUM_THREADS="1"), time.perf_counter()
+
+    def one(item):
+        what, argv = item
+        res = subprocess.run([sys.executable, TRAIN] + argv, env=env, capture_output=True, text=True)
+        if res.returncode:
+            raise SystemExit(f"{what} failed:\n{res.stderr[-2000:]}")
+        print(f"done: {what} ({(time.perf_counter() - t0) / 60:.1f} min so far)", flush=True)
+    print(f"{len(todo)} runs to train, {jobs} at a time", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(one, todo))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--regime", default="all", choices=["all", "unlimited", "finite"])
+    p.add_argument("--seeds", type=compare.positive, default=3)
+    p.add_argument("--jobs", type=compare.positive, default=1,
+                   help="runs at a time, one thread each (default: one, in this process)")
     p.add_argument("--out", default="out", help="train.py's --out")
-    p.add_argument("--base", default=os.path.join("out", "base.pt"), help="train.py's --base")
+    p.add_argument("--base", help="train.py's --base (default: <out>/base.pt)")
     args = p.parse_args()
     t0 = time.perf_counter()
-    runner = compare.Runner(["--out", args.out, "--base", args.base], [], range(args.seeds),
-                            len(RUNS) * args.seeds)
-    results = {label: runner(label, flags + ["--suite", suite]) for label, (suite, flags) in RUNS.items()}
-    table = claims_table(results)
-    with open(os.path.join(args.out, "claims.md"), "w") as f:
+    rows = {"unlimited": CLAIMS, "finite": CLAIMS_FINITE}
+    rows = rows if args.regime == "all" else {args.regime: rows[args.regime]}
+    runs = {k: v for k, v in (RUNS | FINITE).items()
+            if any(k in (row[4], str(row[5]).lstrip("~")) for claims in rows.values() for row in claims)}
+    common = ["--out", args.out] + (["--base", args.base] if args.base else [])
+    runner = compare.Runner(common, [], range(args.seeds), len(runs) * args.seeds)
+    if args.jobs > 1:
+        prerun(runner, runs, args.jobs)
+    results = {label: runner(label, flags + ["--suite", suite]) for label, (suite, flags) in runs.items()}
+    table = "\n\n".join(f"{regime}:\n\n" + claims_table(results, claims) for regime, claims in rows.items())
+    name = "claims" if args.regime == "all" else f"claims-{args.regime}"
+    with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write(table + "\n")
-    with open(os.path.join(args.out, "claims.json"), "w") as f:
-        json.dump(dict(results=results, runs=RUNS), f, indent=1)
-    print(f"\n{table}\n\n{(time.perf_counter() - t0) / 60:.1f} min; wrote {args.out}/claims.md, claims.json;"
-          " pictures: python benchmarks/figures.py")
+    with open(os.path.join(args.out, f"{name}.json"), "w") as f:
+        json.dump(dict(results=results, runs=runs), f, indent=1)
+    print(f"\n{table}\n\n{(time.perf_counter() - t0) / 60:.1f} min; wrote {args.out}/{name}.md, "
+          f"{name}.json; pictures: python benchmarks/figures.py")
 
 
 if __name__ == "__main__":

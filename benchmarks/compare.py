@@ -47,10 +47,17 @@ class Runner:
             run_dir = os.path.join(args.out, args.name)
             fresh = not os.path.exists(os.path.join(run_dir, "metrics.json"))
             args.resume = fresh and os.path.exists(os.path.join(run_dir, "ckpt.pt"))   # interrupted
-            self.results.setdefault(label, []).append(train.run(args, reuse=True))
+            self.results.setdefault(label, []).append(train.run(args))   # finished: reused
             if fresh and flags[1] != "none":                    # for the time left
                 self.trained.append(time.perf_counter() - t)
         return self.results[label]
+
+
+def positive(text):
+    """An argparse type: an integer >= 1 (a number of seeds)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return int(text)
 
 
 def lora_of_size(runner, label, flags=()):
@@ -108,12 +115,13 @@ def compare(args, extra=()):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--suite", default="default", choices=["default", "interference"])
-    p.add_argument("--seeds", type=int, default=3, help="seeds per method: --seed, --seed + 1, ...")
+    p.add_argument("--seeds", type=positive, default=3, help="seeds per method: --seed, --seed + 1, ...")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rank", type=int, default=8, help="every adapter's rank")
     p.add_argument("--out", default="out", help="train.py's --out")
-    p.add_argument("--base", default=os.path.join("out", "base.pt"), help="train.py's --base")
-    args, extra = p.parse_known_args()          # any other flag goes to every run, e.g. --steps 500
+    p.add_argument("--base", help="train.py's --base (default: <out>/base.pt)")
+    args, extra = p.parse_known_args()
+    args.base = args.base or os.path.join(args.out, "base.pt")          # any other flag goes to every run, e.g. --steps 500
     t0 = time.perf_counter()
     results, pairs = compare(args, extra)
     text = table(results, train.SUITES[args.suite], pairs)

@@ -1,12 +1,14 @@
 """The pictures of benchmarks/README.md, drawn from the saved results (no training).
 
     pip install -r benchmarks/requirements.txt       # matplotlib
-    python benchmarks/figures.py                     # reads out/*-compare.json and out/claims.json
+    python benchmarks/figures.py                     # reads and writes out/ (--out)
 
-Writes into benchmarks/: accuracy_default.png and accuracy_interference.png (per-task test
-accuracy by method, mean and std over seeds), learned.png (what the task-specific parts learned,
-as task x head / up-projection / module heatmaps), head_similarity.png (per layer) and
-loss_curves.png (the training loss of every method, read every 25 steps).
+Reads <out>/*-compare.json and <out>/claims.json; draws what they hold, into <out>:
+accuracy_<suite>.png (per-task test accuracy by method, mean and std over seeds), loss_curves.png
+(the training loss of every method, every 25 steps), learned.png (what the task-specific parts
+learned: task x head / up-projection / module heatmaps), head_similarity.png (per layer) and
+sizes.png (test and training-set accuracy against the training-set size, per method). The
+pictures in benchmarks/ are copies of these, from the commands of benchmarks/README.md.
 """
 import argparse
 import json
@@ -41,6 +43,7 @@ def accuracy(results, suite, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def heatmap(ax, matrix, rows, cols, title):
@@ -60,7 +63,11 @@ def learned(claims, path):
               ("i mtl", "mixing_weights", "MTL-LoRA p_t (tau 0.1), interference", "B"),
               ("i mtl tau 0.5", "mixing_weights", "MTL-LoRA p_t (tau 0.5), interference", "B"),
               ("spurious", "graph", "MT-CRL graph g, default", "h")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.1 * len(panels), 2.8))
+    panels = [p for p in panels if p[0] in claims]
+    if not panels:
+        return False
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.1 * len(panels), 2.8), squeeze=False)
+    axes = axes[0]
     for ax, (label, key, title, col) in zip(axes, panels):
         m = claims[label][0]["learned"][key]                            # seed 0
         heatmap(ax, m, TASKS[claims[label][0]["suite"]], [f"{col}_{i}" for i in range(len(m[0]))],
@@ -68,15 +75,20 @@ def learned(claims, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def head_similarity(claims, path):
+    labels = [x for x in ["hydra", "mlora", "mlora offset", "i hydra", "i mlora", "i mlora offset"]
+              if x in claims]
+    if not labels:
+        return False
     fig, ax = plt.subplots(figsize=(10, 3.2))
-    for label in ["hydra", "mlora", "mlora offset", "i hydra", "i mlora", "i mlora offset"]:
+    for label in labels:
         sims = [list(r["learned"]["head_similarity"].values()) for r in claims[label]]
         mean = [statistics.mean(s[i] for s in sims if s[i] is not None) for i in range(len(sims[0]))]
         ax.plot(mean, "o-" if label.startswith("i ") else "s--", ms=3, label=label)
-    names = list(claims["hydra"][0]["learned"]["head_similarity"])
+    names = list(claims[labels[0]][0]["learned"]["head_similarity"])
     ax.set_xticks(range(len(names)), [n.replace("blocks.", "") for n in names], rotation=60, fontsize=6)
     ax.axhline(0.85, color="grey", lw=0.8, ls=":")
     ax.set_ylabel("mean pairwise cosine of B_i")
@@ -86,11 +98,42 @@ def head_similarity(claims, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
+
+
+def sizes(claims, path):
+    """Test accuracy (solid) and training-set accuracy (dotted) against the training-set size,
+    mean over the tasks and seeds, per method, on the default suite; the gap is overfitting."""
+    series = {}                                      # method -> {size: [runs]}
+    for label, rs in claims.items():
+        n = rs[0]["settings"].get("train_samples")
+        if isinstance(n, int) and rs[0]["suite"] == "default":
+            series.setdefault(label.rsplit(" n", 1)[0], {})[n] = rs
+    series = {k: v for k, v in series.items() if len(v) > 1}
+    if not series:
+        return False
+    fig, ax = plt.subplots(figsize=(7.5, 4))
+    avg = lambda r, split: 100 * statistics.mean(r["accuracy"][split][t] for t in TASKS["default"])
+    for i, (method, by_n) in enumerate(sorted(series.items())):
+        ns = sorted(by_n)
+        for split, style in [("test", "o-"), ("train", "x:")]:
+            ys = [statistics.mean(avg(r, split) for r in by_n[n]) for n in ns]
+            ax.plot(ns, ys, style, color=f"C{i}", ms=4, label=f"{method} ({split})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training samples per task")
+    ax.set_ylabel("mean accuracy over the tasks, %")
+    ax.set_title("default suite: the training set (dotted) against the test draw (solid)",
+                 fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def loss_curves(compares, path):
-    fig, axes = plt.subplots(1, len(compares), figsize=(6 * len(compares), 3.4))
-    for ax, (suite, results) in zip(axes, compares.items()):
+    fig, axes = plt.subplots(1, len(compares), figsize=(6 * len(compares), 3.4), squeeze=False)
+    for ax, (suite, results) in zip(axes[0], compares.items()):
         for label, rs in results.items():
             if rs[0]["losses"]:
                 steps, losses = zip(*rs[0]["losses"])
@@ -103,24 +146,27 @@ def loss_curves(compares, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="out", help="where compare.py and claims.py wrote their JSON")
+    p.add_argument("--out", default="out", help="where compare.py and claims.py wrote their JSON; "
+                   "the pictures go there too")
     args = p.parse_args()
     compares = {s: json.load(open(os.path.join(args.out, f"{s}-compare.json")))["results"]
                 for s in TASKS if os.path.exists(os.path.join(args.out, f"{s}-compare.json"))}
-    for suite, results in compares.items():
-        accuracy(results, suite, os.path.join(HERE, f"accuracy_{suite}.png"))
-    if compares:
-        loss_curves(compares, os.path.join(HERE, "loss_curves.png"))
     claims_path = os.path.join(args.out, "claims.json")
-    if os.path.exists(claims_path):
-        claims = json.load(open(claims_path))["results"]
-        learned(claims, os.path.join(HERE, "learned.png"))
-        head_similarity(claims, os.path.join(HERE, "head_similarity.png"))
-    print(f"wrote the pictures into {HERE}")
+    claims = json.load(open(claims_path))["results"] if os.path.exists(claims_path) else {}
+    drawn = [f"accuracy_{suite}.png" for suite, results in compares.items()
+             if accuracy(results, suite, os.path.join(args.out, f"accuracy_{suite}.png"))]
+    pictures = [("loss_curves.png", loss_curves, compares), ("learned.png", learned, claims),
+                ("head_similarity.png", head_similarity, claims), ("sizes.png", sizes, claims)]
+    drawn += [name for name, draw, data in pictures if data and draw(data, os.path.join(args.out, name))]
+    if not drawn:
+        raise SystemExit(f"nothing to draw: {args.out} holds no results of compare.py or claims.py "
+                         "(run them first, or pass their --out)")
+    print(f"wrote into {args.out}/: {', '.join(drawn)}")
 
 
 if __name__ == "__main__":

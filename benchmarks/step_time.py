@@ -45,8 +45,11 @@ def stepper(method, base, args, compiled):
                                                  target_modules=["q", "k", "v", "o", "up", "down"]))
         model, extra = train.TaskModel(gpt), None
     else:
-        model = train.build_model(targs, base.state_dict())
-        extra = train.regularizer(model, targs, tasks, targs.steps)
+        gpt = train.GPT(base.config)
+        gpt.load_state_dict(base.state_dict())
+        torch.manual_seed(0)
+        m = train.adapt(gpt, targs, len(tasks))                # as train.py adapts it
+        model, extra = m.model, m.extra_loss
     model = model.to(args.device)
     if compiled:                                    # as train.py --compile does
         model.gpt.features = torch.compile(model.gpt.features)

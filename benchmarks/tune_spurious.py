@@ -22,13 +22,14 @@ def main():
     p.add_argument("--seeds", default="0", help="comma-separated seeds; the score is their mean")
     p.add_argument("--flags", default="", help="other train.py flags, e.g. \"--modules 1\"")
     p.add_argument("--out", default="out", help="train.py's --out")
-    p.add_argument("--base", default=os.path.join("out", "base.pt"), help="train.py's --base")
+    p.add_argument("--base", help="train.py's --base (default: <out>/base.pt)")
     args = p.parse_args()
     tasks, rows = train.SUITES["default"], []
     for w in args.grid.split(","):
+        base = f"--base {args.base}" if args.base else ""
         vals = [train.run(train.get_args(f"--method spurious --invariance-weight {w} --seed {seed} "
-                                         f"--out {args.out} --base {args.base} {args.flags}".split()),
-                          reuse=True)["accuracy"]["val"] for seed in args.seeds.split(",")]
+                                         f"--out {args.out} {base} {args.flags}".split())
+                          )["accuracy"]["val"] for seed in args.seeds.split(",")]
         rows.append((w, {t: sum(v[t] for v in vals) / len(vals) for t in tasks},
                      [v["has7"] for v in vals]))
     print(f"\nvalidation accuracy (in distribution, clean labels; mean over seeds {args.seeds}); "
