@@ -91,6 +91,14 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, alpha={self.alpha}, merged={self.merged}"
 
 
+def _check_hparams(base, r, alpha, dropout):
+    if base is not None and not isinstance(base, nn.Linear):
+        raise ValueError(f"LoRALinear wraps an nn.Linear, got a {type(base).__name__}")
+    if not (_is_int(r, 1) and _is_num(alpha, 1e-30, 1e30) and _is_num(dropout, 0, 1)):
+        raise ValueError(f"LoRA needs an integer rank r >= 1, a number alpha in (0, 1e30) (s = alpha"
+                         f" / r) and dropout in [0, 1); got r={r!r}, alpha={alpha!r}, dropout={dropout!r}")
+
+
 def add_lora(model: nn.Module, targets=("q", "k", "v", "o", "up", "down"), r: int = 8,
              alpha: float = 16.0, dropout: float = 0.0, fp32_adapter: bool = True) -> list:
     """Wrap, in place, every nn.Linear whose dotted name ends with a target; freeze every parameter
@@ -141,14 +149,6 @@ def _is_int(x, lo):                            # an integer >= lo (numpy's too; 
 
 def _is_num(x, lo, hi):                        # a real number in [lo, hi) (not a bool; NaN is not)
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and lo <= x < hi
-
-
-def _check_hparams(base, r, alpha, dropout):
-    if base is not None and not isinstance(base, nn.Linear):
-        raise ValueError(f"LoRALinear wraps an nn.Linear, got a {type(base).__name__}")
-    if not (_is_int(r, 1) and _is_num(alpha, 1e-30, 1e30) and _is_num(dropout, 0, 1)):
-        raise ValueError(f"LoRA needs an integer rank r >= 1, a number alpha in (0, 1e30) (s = alpha"
-                         f" / r) and dropout in [0, 1); got r={r!r}, alpha={alpha!r}, dropout={dropout!r}")
 
 
 def _adapter_dtype(base, fp32_adapter):

@@ -178,7 +178,8 @@ def mtl_layers(model: nn.Module):
 
 @contextlib.contextmanager
 def task_ids(model: nn.Module, ids):
-    """Give every MTL-LoRA layer of `model` the per-sample task ids (B,) for the calls inside."""
+    """Give every MTL-LoRA layer of `model` the per-sample task ids (B,) for the calls inside.
+    The ids are set on the layers: not thread-safe (one model per thread)."""
     layers, ids = mtl_layers(model), torch.as_tensor(ids)
     if not layers:
         raise ValueError("the model has no MTL-LoRA layers: call add_mtl_lora(model, ...) first")

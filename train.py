@@ -133,7 +133,8 @@ class Block(nn.Module):
     def forward(self, x):                                             # x (B, T, d)
         B, T, d = x.shape
         h = self.ln1(x)
-        q, k, v = (m(h).view(B, T, self.heads, -1).transpose(1, 2) for m in (self.q, self.k, self.v))
+        q, k, v = (m(h).view(B, T, self.heads, -1).transpose(1, 2) for m in (self.q, self.k,
+                                                                             self.v))
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)   # (B, heads, T, d/heads)
         x = x + self.o(y.transpose(1, 2).reshape(B, T, d))
         return x + self.down(F.gelu(self.up(self.ln2(x))))
@@ -237,8 +238,8 @@ def adapt(gpt, args, n_tasks):
         w = spurious_reg.warmup_weight(step, args.steps, args.invariance_weight,
                                        args.invariance_warmup)
         return loss + w * crl.invariance(risk, b["task"], b["env"]) if w > 0 else loss
-    return Method(TaskModel(gpt, crl), lambda: lora.lora_state_dict(gpt) | {"crl.G": crl.G.detach()},
-                  extra, lambda b: {"graph": crl.gates()},            # g = sigmoid(G): task x module
+    state = lambda: lora.lora_state_dict(gpt) | {"crl.G": crl.G.detach()}
+    return Method(TaskModel(gpt, crl), state, extra, lambda b: {"graph": crl.gates()},  # task x K
                   ", --invariance-weight, --decorr-weight")
 
 # ----------------------------------------------------------------------------- training
@@ -333,7 +334,7 @@ def report(acc, tasks):
     for t in tasks + (["shortcut"] if "has7" in tasks else []):
         lines.append(f"{t:<12}" + "".join(f"{a[t]:>8.1%}" if t in a else f"{'-':>8}"
                                           for s, a in acc.items()))
-    return "\n".join(lines + ["(accuracy on clean labels; shortcut: has7 read off the first digit)"])
+    return "\n".join(lines + ["(against clean labels; shortcut: has7 read off the first digit)"])
 
 
 def examples(model, b, tasks):
@@ -342,9 +343,9 @@ def examples(model, b, tasks):
     for i in b["task"].argsort(stable=True).tolist():
         keep = b["clean"][i] != -100                                  # the answer tokens
         want, got = b["clean"][i][keep].tolist(), pred[i][keep].tolist()
-        lines.append(f"  {tasks[b['task'][i]]:<10} {' '.join(map(str, b['idx'][i, 1:L + 1].tolist()))}"
-                     f"  ->  {' '.join(map(str, want))}   model: {' '.join(map(str, got))}"
-                     + ("" if got == want else "   (wrong)"))
+        x = " ".join(map(str, b["idx"][i, 1:L + 1].tolist()))
+        lines.append(f"  {tasks[b['task'][i]]:<10} {x}  ->  {' '.join(map(str, want))}   model: "
+                     f"{' '.join(map(str, got))}" + ("" if got == want else "   (wrong)"))
     return "\n".join(lines)
 
 # ----------------------------------------------------------------------------- command line
@@ -435,10 +436,12 @@ def get_args(argv=None):
     p = parser()
     args = p.parse_args(argv)
     tasks, given = SUITES[args.suite], {k for k, v in vars(args).items() if v != p.get_default(k)}
-    own = OWN.get(args.method, []) + (OWN["adapters"] if args.method not in ("none", "full") else [])
-    alien = [k for k in sum(OWN.values(), []) if k in given and k not in own]
+    own = OWN.get(args.method, [])
+    if args.method not in ("none", "full"):
+        own = own + OWN["adapters"]
+    alien = ["--" + k.replace("_", "-") for k in sum(OWN.values(), []) if k in given - set(own)]
     for wrong, message in [
-            (alien, f"--{' --'.join(alien)}: not a setting of --method {args.method}; drop it"),
+            (alien, f"{' '.join(alien)}: not a setting of --method {args.method}; drop it"),
             ((args.warmup or 0) > args.steps, "--warmup must be at most --steps"),
             (args.width % args.attn_heads, "--width must divide by --attn-heads"),
             (args.width % args.modules, "--modules must divide --width"),
@@ -449,7 +452,7 @@ def get_args(argv=None):
             (args.base is not None and (args.base.endswith(os.sep) or os.path.isdir(args.base)
                                         or not args.base), "--base takes a file's path")]:
         if wrong:
-            p.error(message.replace("_", "-"))
+            p.error(message)
     targets = [t.strip() for t in args.targets.split(",")]
     if set(targets) - set(TARGETS):
         p.error(f"--targets takes some of {','.join(TARGETS)}, comma-separated: got {args.targets}")
@@ -505,8 +508,11 @@ def settings(args):
 
 
 def flag_text(k, v):                                  # e.g. rank2, targetsq+v, diagonal
-    v = "+".join(map(str, v)) if isinstance(v, list) else v
-    return k.replace("_", "-") + ("" if v is True else f"{v:g}" if isinstance(v, float) else str(v))
+    if isinstance(v, list):
+        v = "+".join(map(str, v))
+    elif isinstance(v, float):
+        v = f"{v:g}"
+    return k.replace("_", "-") + ("" if v is True else str(v))
 
 # ----------------------------------------------------------------------------- main
 
@@ -616,7 +622,8 @@ def run(args):
     gpt = GPT(config)
     gpt.load_state_dict(base["state_dict"])
     method = adapt(gpt, args, len(tasks))
-    model, n_base = method.model.to(args.device), sum(v.numel() for v in base["state_dict"].values())
+    model, n_base = method.model.to(args.device), sum(v.numel() for v in
+                                                      base["state_dict"].values())
     log(f"{args.name}: {n_train:,} trainable parameters ({n_train / n_base:.2%} of {n_base:,})")
     data_set, n, epochs, kw = None, None, None, dict(L=L, rho=args.rho, device=args.device)
     if args.train_samples is not None:                                # a finite training set
@@ -624,7 +631,8 @@ def run(args):
         data_set = make_batch(tasks, int(n.max()) * len(tasks), data_seed("train-set", args.seed),
                               **kw, env_tasks=args.env_tasks, env_source=args.env_source)
         epochs = dict(zip(tasks, (args.steps * args.batch / len(tasks) / n).tolist()))
-        log("a finite training set; epochs: " + ", ".join(f"{t} {e:.1f}" for t, e in epochs.items()))
+        log("a finite training set; epochs: " + ", ".join(f"{t} {e:.1f}" for t, e in
+                                                         epochs.items()))
     if WORLD > 1:
         torch.manual_seed(args.seed + 1_000_003 * RANK)               # each process its dropout
     if args.compile:               # the body only: MT-CRL's penalty differentiates head and graph
