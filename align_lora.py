@@ -26,14 +26,15 @@ How tokens are pooled: every real token of a task's samples is one draw from tha
 distribution; z (B, L, r) and the mask (B, L) become one bag of tokens per task, padding left out,
 with explicit per-sample task ids (a batch may mix tasks in any order). The mask is bool or
 integer, real tokens where mask != 0 (HF's attention_mask as is); without a mask every token
-counts, padding included. The authors take
-statistics per sequence position over the samples and group the tasks by their position in the
-batch (broken: their task sampler never reaches the trainer).
+counts, padding included. The authors take statistics per sequence position over the samples and
+group the tasks by their position in the batch (broken: their task sampler never reaches the
+trainer).
 
 How it works: a forward hook on every sub-module named `lora_A` (lora.py's, multihead_lora.py's
 and mtl_lora.py's layers) keeps its last output; the loss call uses and clears them. Call it
-once per forward pass. A copy of the model (copy.deepcopy, e.g. an EMA) keeps the hooks but
-they ignore its layers: build another AlignmentLoss for the copy if it needs one. Outputs are (B, ..., r) with the batch first, or (B*L, r) with a mask.
+once per forward pass. Outputs are (B, ..., r) with the batch first, or (B*L, r) with a mask. A
+copy of the model (copy.deepcopy, e.g. an EMA) keeps the hooks but they ignore its layers: build
+another AlignmentLoss for the copy if it needs one.
 
 Usage (with lora.py's adapters; any module with `lora_A` sub-modules works):
 
@@ -59,6 +60,7 @@ Our choices:
 - A lora_A that runs twice in one forward pass contributes its last output.
 """
 import math
+import numbers
 
 import torch
 import torch.nn as nn
@@ -76,9 +78,12 @@ class AlignmentLoss:
                  max_tokens: int = 512, bandwidths=BANDWIDTHS):
         bandwidths = tuple(bandwidths)
         if not (kind in KINDS and bandwidths and all(_num(x) for x in (eps, *bandwidths))
-                and all(isinstance(x, int) and x >= 2 for x in (n_tasks, max_tokens))):
+                and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 2
+                        for x in (n_tasks, max_tokens))):
             raise ValueError(f"AlignmentLoss needs n_tasks, max_tokens integers >= 2, kind in "
-                             f"{KINDS}, eps, bandwidths in (0, 1e30); got {n_tasks, kind, eps}")
+                             f"{KINDS}, eps, bandwidths in (0, 1e30); got {n_tasks=}, {kind=}, "
+                             f"{eps=}, {max_tokens=}, bandwidths={bandwidths}")
+        n_tasks, max_tokens = int(n_tasks), int(max_tokens)
         self.names = [n for n, _ in model.named_modules() if n.rpartition(".")[2] == "lora_A"]
         if not self.names:
             raise ValueError("the model has no sub-module named 'lora_A': add adapters first, "
@@ -92,7 +97,7 @@ class AlignmentLoss:
 
     def _capture(self, name, target):
         def hook(module, inputs, output):
-            if module is target:             # not a copy's (copy.deepcopy of the model shares hooks)
+            if module is target:              # not a copy's (a deepcopy of the model shares hooks)
                 self._z[name] = output                        # overwrites: nothing kept over steps
         return hook
 
@@ -139,8 +144,8 @@ class AlignmentLoss:
         if not (keep.dim() and len(keep) == B and all(
                 len(s) >= 2 and s[0] in (B, N) and math.prod(s) == N * s[-1] for s in shapes)):
             raise ValueError(f"lora_A outputs of shapes {shapes[:3]} do not fit {B} task ids and a "
-                             f"mask of shape {tuple(keep.shape)}: the outputs must be tensors (B, ..., "
-                             "r), or (B*L, r) with a mask (B, L), the same L in every layer")
+                             f"mask of shape {tuple(keep.shape)}: the outputs must be tensors "
+                             "(B, ..., r), or (B*L, r) with a mask (B, L), one L for all layers")
         ids, T = ids.long(), self.n_tasks                     # (B,)
         torch._assert_async(((ids >= 0) & (ids < T)).all(), f"task ids must be in [0, n_tasks={T})")
         zs = [z.reshape(B, -1, z.shape[-1]) for z in zs]      # each (B, L, r)

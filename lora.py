@@ -95,8 +95,9 @@ def _check_hparams(base, r, alpha, dropout):
     if base is not None and not isinstance(base, nn.Linear):
         raise ValueError(f"LoRALinear wraps an nn.Linear, got a {type(base).__name__}")
     if not (_is_int(r, 1) and _is_num(alpha, 1e-30, 1e30) and _is_num(dropout, 0, 1)):
-        raise ValueError(f"LoRA needs an integer rank r >= 1, a number alpha in (0, 1e30) (s = alpha"
-                         f" / r) and dropout in [0, 1); got r={r!r}, alpha={alpha!r}, dropout={dropout!r}")
+        raise ValueError(f"LoRA needs an integer rank r >= 1, a number alpha in (0, 1e30) (s = "
+                         f"alpha / r) and dropout in [0, 1); got r={r!r}, alpha={alpha!r}, "
+                         f"dropout={dropout!r}")
 
 
 def add_lora(model: nn.Module, targets=("q", "k", "v", "o", "up", "down"), r: int = 8,
@@ -132,7 +133,8 @@ def merge_and_unload_lora(model: nn.Module) -> nn.Module:
 def lora_state_dict(model: nn.Module) -> dict:
     """Only the adapter tensors (lora_A / lora_B weights), detached, ready for torch.save."""
     return {f"{n}.{k}".lstrip("."): v.detach().clone() for n, m in model.named_modules()
-            if isinstance(m, LoRALinear) for k, v in m.state_dict().items() if k.startswith("lora_")}
+            if isinstance(m, LoRALinear)
+            for k, v in m.state_dict().items() if k.startswith("lora_")}
 
 
 def load_lora_state_dict(model: nn.Module, state: dict):
@@ -263,15 +265,17 @@ def _resize_folded(layer, state, prefix, *args):
 def _merged_output(layer, h):
     if layer.training and torch.is_grad_enabled():
         warnings.warn(f"a merged {type(layer).__name__} is training: its adapter is not used and "
-                      "gets no gradient; unmerge to train, or call model.eval() to serve", stacklevel=2)
+                      "gets no gradient; unmerge to train, or call model.eval() to serve",
+                      stacklevel=2)
     return h
 
 
 def _load_adapters(model, state, own, layers, add):
     """Load adapter tensors (as <file>_state_dict gives them) into a model adapted alike."""
     if not own or any(m.merged for m in layers):
+        unmerge = add.replace("add_", "unmerge_")
         raise ValueError(f"load into a model adapted alike and unmerged: {add}(model, ...) first, "
-                         f"with the same settings; {add.replace('add_', 'unmerge_')}(model) if merged")
+                         f"with the same settings; {unmerge}(model) if merged")
     bad = sorted(k for k in own.keys() | state.keys()
                  if k not in own or k not in state or own[k].shape != state[k].shape)
     if bad:

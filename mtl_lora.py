@@ -36,9 +36,9 @@ import torch.nn as nn
 
 
 class MTLLoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, n_tasks: int, r: int = 8, n_up: int = 3, alpha: float = 16.0,
-                 tau: float = 0.1, dropout: float = 0.0, diagonal: bool = False,
-                 fp32_adapter: bool = True):
+    def __init__(self, base: nn.Linear, n_tasks: int, r: int = 8, n_up: int = 3,
+                 alpha: float = 16.0, tau: float = 0.1, dropout: float = 0.0,
+                 diagonal: bool = False, fp32_adapter: bool = True):
         super().__init__()
         _check_hparams(base, n_tasks, r, n_up, alpha, tau, dropout)
         self.base = base.requires_grad_(False)                          # W0, frozen
@@ -118,7 +118,8 @@ class MTLLoRALinear(nn.Module):
 
     def _check_task(self, task):
         if not (_is_int(task, 0) and task < self.n_tasks):
-            raise ValueError(f"merge needs one task id, an int in [0, {self.n_tasks}), got {task!r}")
+            raise ValueError(f"merge needs one task id, an int in [0, {self.n_tasks}), "
+                             f"got {task!r}")
         if self.merged_task not in (None, task):
             raise ValueError(f"this layer is merged for task {self.merged_task}: unmerge_mtl_lora"
                              f"(model) before merging task {task}")
@@ -130,8 +131,9 @@ class MTLLoRALinear(nn.Module):
         task = int(task)
         if not self.merged:
             self.folded_task = torch.tensor([task], device=self.folded_task.device)
-            self.folded_A, self.folded_lambda = self.lora_A.weight.clone(), self.lora_lambda[task].clone()
-            self.folded_B, self.folded_w = self.lora_B.clone(), self.lora_w[task].clone()
+            self.folded_A, self.folded_B = self.lora_A.weight.clone(), self.lora_B.clone()
+            self.folded_lambda = self.lora_lambda[task].clone()
+            self.folded_w = self.lora_w[task].clone()
             W = self.base.weight
             W.copy_((W.float() + self.delta_weight(task, self._folded())).to(W.dtype))
 
@@ -366,15 +368,17 @@ def _resize_folded(layer, state, prefix, *args):
 def _merged_output(layer, h):
     if layer.training and torch.is_grad_enabled():
         warnings.warn(f"a merged {type(layer).__name__} is training: its adapter is not used and "
-                      "gets no gradient; unmerge to train, or call model.eval() to serve", stacklevel=2)
+                      "gets no gradient; unmerge to train, or call model.eval() to serve",
+                      stacklevel=2)
     return h
 
 
 def _load_adapters(model, state, own, layers, add):
     """Load adapter tensors (as <file>_state_dict gives them) into a model adapted alike."""
     if not own or any(m.merged for m in layers):
+        unmerge = add.replace("add_", "unmerge_")
         raise ValueError(f"load into a model adapted alike and unmerged: {add}(model, ...) first, "
-                         f"with the same settings; {add.replace('add_', 'unmerge_')}(model) if merged")
+                         f"with the same settings; {unmerge}(model) if merged")
     bad = sorted(k for k in own.keys() | state.keys()
                  if k not in own or k not in state or own[k].shape != state[k].shape)
     if bad:

@@ -130,7 +130,7 @@ class MultiHeadLoRALinear(nn.Module):
         dW = self.scaling * (dW if A0 is None else dW - B0.float() @ A0.float())
         return dW.to(self.base.weight.device)
 
-    def _folded(self):                                          # what merge() folded: (A, B[, A0, B0])
+    def _folded(self):                                      # what merge() folded: A, B[, A0, B0]
         return [b for b in (self.folded_A, self.folded_B, getattr(self, "folded_A0", None),
                             getattr(self, "folded_B0", None)) if b is not None]
 
@@ -213,8 +213,8 @@ def multihead_state_dict(model: nn.Module) -> dict:
 
 def load_multihead_state_dict(model: nn.Module, state: dict):
     """Load tensors saved by multihead_state_dict into a model adapted with the same settings."""
-    _load_adapters(model, state, multihead_state_dict(model), [m for _, m in multihead_layers(model)],
-                   "add_multihead_lora")
+    layers = [m for _, m in multihead_layers(model)]
+    _load_adapters(model, state, multihead_state_dict(model), layers, "add_multihead_lora")
 
 @torch.no_grad()
 def head_similarity(model: nn.Module) -> dict:
@@ -260,14 +260,14 @@ def routing_table(records: dict, task_ids: torch.Tensor, n_tasks: int, mask=None
     W = torch.stack([w.float() for w in records.values()]).mean(0)   # (B, ..., N), over layers
     Bsz, N, ids, shape = W.shape[0], W.shape[-1], torch.as_tensor(task_ids), tuple(W.shape[:-1])
     mask = torch.ones(shape, dtype=torch.bool) if mask is None else mask
-    if not (isinstance(n_tasks, int) and n_tasks >= 1 and ids.dtype in (torch.long, torch.int)
+    if not (_is_int(n_tasks, 1) and ids.dtype in (torch.int8, torch.int16, torch.int32, torch.long)
             and ids.shape == (Bsz,) and bool(((ids >= 0) & (ids < n_tasks)).all())
             and mask.dtype == torch.bool and tuple(mask.shape) == shape):
         raise ValueError(f"routing_table needs n_tasks >= 1, task_ids: integers in [0, n_tasks) of "
                          f"shape ({Bsz},), mask: bool of shape {shape}; got {n_tasks=}, task_ids "
                          f"{ids.dtype} {tuple(ids.shape)}, mask {mask.dtype} {tuple(mask.shape)}")
     W, mask = W.reshape(Bsz, -1, N), mask.reshape(Bsz, -1).to(W.device)    # (B, L, N), (B, L)
-    t = ids.to(W.device).view(Bsz, 1).expand(mask.shape)[mask]              # (K,) kept tokens
+    t = ids.to(W.device, torch.long).view(Bsz, 1).expand(mask.shape)[mask]  # (K,) kept tokens
     sums = W.new_zeros(n_tasks, N).index_add_(0, t, W[mask])                # (n_tasks, N)
     counts = torch.bincount(t, minlength=n_tasks).to(W.dtype)               # (n_tasks,)
     return sums / counts[:, None]
@@ -396,15 +396,17 @@ def _resize_folded(layer, state, prefix, *args):
 def _merged_output(layer, h):
     if layer.training and torch.is_grad_enabled():
         warnings.warn(f"a merged {type(layer).__name__} is training: its adapter is not used and "
-                      "gets no gradient; unmerge to train, or call model.eval() to serve", stacklevel=2)
+                      "gets no gradient; unmerge to train, or call model.eval() to serve",
+                      stacklevel=2)
     return h
 
 
 def _load_adapters(model, state, own, layers, add):
     """Load adapter tensors (as <file>_state_dict gives them) into a model adapted alike."""
     if not own or any(m.merged for m in layers):
+        unmerge = add.replace("add_", "unmerge_")
         raise ValueError(f"load into a model adapted alike and unmerged: {add}(model, ...) first, "
-                         f"with the same settings; {add.replace('add_', 'unmerge_')}(model) if merged")
+                         f"with the same settings; {unmerge}(model) if merged")
     bad = sorted(k for k in own.keys() | state.keys()
                  if k not in own or k not in state or own[k].shape != state[k].shape)
     if bad:

@@ -54,6 +54,8 @@ Our choices:
 - Warm-up: invariance weight 0 for the first 30% of steps, full weight after (IRM practice).
 - Gates, risks, correlations and penalties are computed in fp32 (or wider).
 """
+import numbers
+
 import torch
 import torch.nn as nn
 
@@ -64,6 +66,7 @@ class MTCRL(nn.Module):
     def __init__(self, d: int, n_tasks: int, n_modules: int = 4, n_envs: int = 2):
         super().__init__()
         _check_hparams(d=d, n_tasks=n_tasks, n_modules=n_modules, n_envs=n_envs)
+        d, n_tasks, n_modules, n_envs = int(d), int(n_tasks), int(n_modules), int(n_envs)
         self.d, self.n_tasks, self.n_modules, self.n_envs = d, n_tasks, n_modules, n_envs
         self.G = nn.Parameter(torch.zeros(n_tasks, n_modules))          # graph logits G: (T, K)
 
@@ -73,8 +76,8 @@ class MTCRL(nn.Module):
 
     def forward(self, h: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:  # h (B, ..., d)
         if not (torch.is_tensor(h) and h.dim() >= 2 and h.shape[-1] == self.d):
-            raise ValueError(f"h must be a representation (B, ..., d) with d = {self.d} features, the "
-                             f"d of MTCRL(d, ...); got shape {tuple(getattr(h, 'shape', ()))}")
+            raise ValueError(f"h must be a representation (B, ..., d) with d = {self.d} features, "
+                             f"the d of MTCRL(d, ...); got shape {tuple(getattr(h, 'shape', ()))}")
         self._check_ids(task_ids, h.shape[0], "task_ids", 0, self.n_tasks)
         K = self.n_modules
         # h_k: h cut into K modules, (B, ..., K, d/K)
@@ -94,7 +97,10 @@ class MTCRL(nn.Module):
         broadcasts to h.shape[:-1], e.g. (B, L) answer tokens; None: all tokens)."""
         K, m = self.n_modules, self.d // self.n_modules
         x = _fp32_or_wider(h).reshape(-1, h.shape[-1])                  # (N, d) tokens
-        keep = torch.ones((), dtype=torch.bool) if mask is None else mask != 0
+        keep = torch.ones((), dtype=torch.bool) if mask is None else torch.as_tensor(mask) != 0
+        if torch.broadcast_shapes(keep.shape, h.shape[:-1]) != h.shape[:-1]:
+            raise ValueError(f"mask {tuple(keep.shape)} must broadcast to h's tokens "
+                             f"{tuple(h.shape[:-1])}, e.g. (B, L) for h (B, L, d)")
         keep = keep.to(x.device).expand(h.shape[:-1]).reshape(-1, 1)    # (N, 1) kept tokens
         n = keep.sum().clamp(min=1).to(x.dtype)                         # N (no kept token: 0)
         x = torch.where(keep, x, 0.0)                                   # dropped values never enter
@@ -132,8 +138,8 @@ class MTCRL(nn.Module):
         dR = [torch.autograd.grad(R[:, e].sum(), self.G, create_graph=True, allow_unused=True)[0]
               if R.requires_grad else None for e in range(E)]
         if all(g is None for g in dR):
-            raise ValueError("the losses do not depend on the graph G: compute them from the output "
-                             "of crl(h, task_ids), e.g. head(crl(h, task_ids)), not from h")
+            raise ValueError("the losses do not depend on the graph G: compute them from the "
+                             "output of crl(h, task_ids), e.g. head(crl(h, task_ids)), not from h")
         dR = torch.stack([torch.zeros_like(self.G) if g is None else g for g in dR])
         # ||dR_t^e / dG_t||^2: (T, E), exactly 0 where task t has no sample in e
         sq = _fp32_or_wider(dR).pow(2).sum(-1).t()
@@ -156,7 +162,9 @@ def _fp32_or_wider(x):
 
 
 def _check_hparams(**kw):
-    if not all(type(v) is int and v >= 1 for v in kw.values()) or kw["d"] % kw["n_modules"]:
+    ints = all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+               for v in kw.values())
+    if not ints or kw["d"] % kw["n_modules"]:
         raise ValueError(f"MTCRL needs integers >= 1 with n_modules dividing d, got {kw}")
 
 

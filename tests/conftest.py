@@ -2,4 +2,4 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the method files
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                    # tiny.py
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                    # helpers.py

@@ -9,6 +9,7 @@ import torch
 import multihead_lora
 import mtl_lora
 import train
+from helpers import count_host_reads
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["full", "lora", "multihead", "multihead --no-router", "multihead --no-router --init offset",
@@ -29,30 +30,15 @@ def train_steps(args, model, extra, steps):
     return train.train(model, batches, steps, args.lr, args.warmup, extra, args.autocast == "bf16")
 
 
-def project_reads(monkeypatch):
-    """Count .item() / .tolist() / bool() / int() / float() / index use of a tensor by the
-    project's own code (train.py and the method files; not torch's, not the tests')."""
-    counts = [0]
-    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
-        real = getattr(torch.Tensor, name)
-
-        def wrapper(self, *a, _real=real, **kw):
-            f = os.path.abspath(sys._getframe(1).f_code.co_filename)   # a file at the top level
-            counts[0] += os.path.dirname(f) == ROOT          # (not torch's, even in ./.venv)
-            return _real(self, *a, **kw)
-        monkeypatch.setattr(torch.Tensor, name, wrapper)
-    return counts
-
-
 @pytest.mark.parametrize("method", METHODS)
 def test_no_host_read_in_a_training_step(method, monkeypatch):
     """Reads per step, from two runs of different length: at most the loss read every 25 steps."""
     reads = {}
     for steps in (10, 60):
         args, model, extra = tiny(method, "--invariance-warmup 0" if method == "spurious" else "")
-        counts = project_reads(monkeypatch)
+        counted = count_host_reads(monkeypatch)
         train_steps(args, model, extra, steps)
-        reads[steps] = counts[0]
+        reads[steps] = len(counted)
         monkeypatch.undo()
     assert (reads[60] - reads[10]) / 50 <= 1 / 25, reads
 

@@ -1,6 +1,7 @@
-"""The method files as users use them in their own projects: saving and loading whole models,
-merge-and-unload, half-precision bases, files combined, copies, pickling, and the misuses users
-make, each answered by a clear error or a right result (tests/test_hf.py: the same on HF models)."""
+"""The method files as users use them in their own projects: their docstrings' usage examples,
+saving and loading whole models, merge-and-unload, half-precision bases, files combined, copies,
+pickling, and the misuses users make, each answered by a clear error or a right result
+(tests/test_hf.py: the same on HF models)."""
 import copy
 import io
 import warnings
@@ -14,7 +15,8 @@ import align_lora
 import lora
 import mtl_lora
 import multihead_lora as mh
-from tiny import Tiny
+import spurious_reg
+from helpers import Tiny, run_docstring_example
 
 T = 3                                                      # tasks, for MTL-LoRA
 ADAPT = {   # name -> (adapt, merge-and-unload; None where the method cannot merge)
@@ -50,6 +52,28 @@ def run(model, x, ids=IDS):
         with mtl_lora.task_ids(model, ids):
             return model(x)
     return model(x)
+
+
+# ----------------------------------------------------------------------------- docstring examples
+
+@pytest.mark.parametrize("module", [lora, mh, mtl_lora, align_lora, spurious_reg],
+                         ids=lambda module: module.__name__)
+def test_the_docstring_usage_example_runs_as_written(module, tmp_path):
+    """Each method file's usage example, copied into a project, runs and does what it says."""
+    names = run_docstring_example(module, tmp_path)
+    if module in (lora, mh):                               # the adapter tensors, saved
+        assert (tmp_path / "adapter.pt").exists()
+    if module is lora:                                     # merged and unloaded: plain layers
+        assert names["names"] == ["0", "2"]
+        assert [type(m) for m in names["model"]] == [nn.Linear, nn.GELU, nn.Linear]
+    if module is mh:
+        assert names["w"]["0"].shape == (8, 5, 3)
+    if module is mtl_lora:
+        assert names["out"].shape == (4, 4)
+    if module is align_lora:                               # L_align's gradient reached every A
+        assert all(m.lora_A.weight.grad.abs().sum() > 0 for m in lora.lora_layers(names["model"]))
+    if module is spurious_reg:
+        assert names["crl"].G.grad is not None and names["crl"].G.grad.abs().sum() > 0
 
 
 # ----------------------------------------------------------------------------- saving and loading
@@ -237,6 +261,13 @@ def test_numpy_numbers_are_accepted_where_python_ones_are():
         mtl_lora.merge_mtl_lora(model, 2)
     with pytest.raises(ValueError, match=r"an int in \[0, 3\), got 1.5$"):
         mtl_lora.merge_mtl_lora(model, 1.5)
+    assert align_lora.AlignmentLoss(model, np.int64(T)).n_tasks == T
+    assert spurious_reg.MTCRL(np.int64(8), np.int32(2), np.int64(4)).G.shape == (2, 4)
+    hydra = Tiny()
+    mh.add_multihead_lora(hydra, ["q"])
+    with mh.record_routing(hydra) as w:
+        hydra(torch.randn(3, 5, 12))
+    assert mh.routing_table(w, torch.tensor([0, 1, 1], dtype=torch.int16), np.int64(2)).shape == (2, 3)
 
 
 def test_alignment_loss_takes_an_integer_mask_and_a_list_of_ids():

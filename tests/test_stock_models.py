@@ -16,7 +16,7 @@ def encoder(seed=0):
     torch.manual_seed(seed)
     layer = nn.TransformerEncoderLayer(d_model=16, nhead=2, dim_feedforward=32, dropout=0.0,
                                        batch_first=True)
-    return nn.TransformerEncoder(layer, num_layers=2)        # enable_nested_tensor=True, the default
+    return nn.TransformerEncoder(layer, num_layers=2)      # enable_nested_tensor=True, the default
 
 
 ADAPT = {   # name -> (adapt the model, merge, unmerge)
@@ -55,7 +55,8 @@ def test_adapt_train_and_merge_a_stock_transformer_encoder(method):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0]
-    frozen = {n.replace(".base.", "."): p for n, p in model.named_parameters() if not p.requires_grad}
+    frozen = {n.replace(".base.", "."): p for n, p in model.named_parameters()
+              if not p.requires_grad}
     assert frozen.keys() == dict(base.named_parameters()).keys()       # every base weight, frozen
     assert all(torch.equal(p, frozen[n]) for n, p in base.named_parameters())
     model.eval()
