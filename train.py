@@ -529,7 +529,10 @@ def save(path, obj):
         try:
             os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
             with open(path + ".tmp", "wb") as f:
-                torch.save(obj, f) if not isinstance(obj, str) else f.write(obj.encode())
+                if isinstance(obj, str):
+                    f.write(obj.encode())
+                else:
+                    torch.save(obj, f)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(path + ".tmp", path)
@@ -542,7 +545,8 @@ def save(path, obj):
 def load(path, settings, advice):
     """A file train.py wrote, of these settings, or one line that names it (and what differs)."""
     try:
-        obj = json.load(open(path)) if path.endswith(".json") else torch.load(path, "cpu")
+        obj = json.load(open(path)) if path.endswith(".json") else torch.load(path, "cpu",
+                                                                            weights_only=True)
         changed = {k: (obj["settings"].get(k), v) for k, v in json.loads(json.dumps(settings))
                    .items() if obj["settings"].get(k) != v}
     except Exception as e:
