@@ -444,7 +444,8 @@ def get_args(argv=None):
             (alien, f"{' '.join(alien)}: not a setting of --method {args.method}; drop it"),
             ((args.warmup or 0) > args.steps, "--warmup must be at most --steps"),
             (args.width % args.attn_heads, "--width must divide by --attn-heads"),
-            (args.width % args.modules, "--modules must divide --width"),
+            (args.method == "spurious" and args.width % args.modules, "--modules must divide "
+             "--width"),
             (args.init == "offset" and not args.no_router, "--init offset needs --no-router"),
             (args.batch % WORLD or args.batch // WORLD < len(tasks), f"--batch is global: it must "
              f"divide by the {WORLD} processes, each with a sample of each task at least"),
@@ -458,10 +459,11 @@ def get_args(argv=None):
         p.error(f"--targets takes some of {','.join(TARGETS)}, comma-separated: got {args.targets}")
     args.targets = [t for t in TARGETS if t in targets]              # canonical: q,q,v is q,v
     try:
-        args.rho = [float(r) for r in args.rho.split(",")]
-        assert len(args.rho) == 2 and all(0 <= r <= 1 for r in args.rho)
+        rho = [float(r) for r in args.rho.split(",")]
+        assert len(rho) == 2 and all(0 <= r <= 1 for r in rho)
     except (ValueError, AssertionError):
         p.error(f"--rho takes two numbers in [0, 1], e.g. 0.8,0.95; got {args.rho}")
+    args.rho = rho
     args.train_samples = sizes(args.train_samples, tasks, p.error)
     auto = dict(lr=1e-3 if args.method == "full" else 3e-3, alpha=2.0 * args.rank,
                 warmup=min(50, args.steps // 10),
@@ -542,15 +544,20 @@ def save(path, obj):
             raise SystemExit(f"error: cannot write {path}: {e}")
 
 
-def load(path, settings, advice):
-    """A file train.py wrote, of these settings, or one line that names it (and what differs)."""
+def load(path, kind, settings, advice):
+    """A file train.py wrote (kind: "metrics", "checkpoint" or "base") of these settings, or one
+    line that names it and what differs."""
+    keys = {"metrics": ["accuracy"], "checkpoint": ["step", "trainable", "opt"],
+            "base": ["state_dict"]}[kind] + ["settings"]
     try:
-        obj = json.load(open(path)) if path.endswith(".json") else torch.load(path, "cpu",
-                                                                            weights_only=True)
+        obj = json.load(open(path)) if kind == "metrics" else torch.load(path, "cpu",
+                                                                         weights_only=True)
+        assert isinstance(obj, dict) and set(keys) <= set(obj)
         changed = {k: (obj["settings"].get(k), v) for k, v in json.loads(json.dumps(settings))
                    .items() if obj["settings"].get(k) != v}
     except Exception as e:
-        raise SystemExit(f"error: cannot read {path} as a file of train.py ({type(e).__name__})")
+        raise SystemExit(f"error: cannot read {path} as a {kind} file of train.py "
+                         f"({type(e).__name__})")
     if changed:
         raise SystemExit(f"error: {path} has other settings (there vs now: {changed}); {advice}")
     return obj
@@ -593,17 +600,18 @@ def run(args):
     config = GPTConfig(width=args.width, layers=args.layers, heads=args.attn_heads)
     pretraining = dict(model=asdict(config), tasks=SUITES["pretrain"], steps=args.base_steps) | BASE
     if os.path.exists(done):
-        saved = load(done, now, "pass another --out")
+        saved = load(done, "metrics", now, "pass another --out")
         log(f"{folder} holds this run, finished:\n" + report(saved["accuracy"], tasks))
         return saved
     if os.path.exists(ckpt) and not args.resume:
         raise SystemExit(f"error: {folder} holds an unfinished run: --resume continues it")
     if args.resume and not os.path.exists(ckpt):
         raise SystemExit(f"error: nothing to resume: {ckpt} does not exist; drop --resume")
-    start = load(ckpt, now, "drop --resume") if args.resume else None
+    start = load(ckpt, "checkpoint", now, "drop --resume") if args.resume else None
     base = None
     if os.path.exists(args.base):                     # a cache of train.py's: may be deleted
-        base = load(args.base, pretraining, "pass another --base, or delete it to pre-train anew")
+        base = load(args.base, "base", pretraining, "pass another --base, or delete it to "
+                    "pre-train anew")
     try:                                              # the adapter settings, on a random base
         n_train = sum(p.numel() for p in adapt(GPT(config), args, len(tasks)).model.parameters()
                       if p.requires_grad)

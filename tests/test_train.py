@@ -188,14 +188,17 @@ def test_base_is_cached_under_out_and_a_mismatch_is_reported(out, capsys):
         train.run(args_for(out, "--method none --width 48"))
 
 
-@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", "foreign", "json"])
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated", "foreign", "json", "metrics"])
 def test_a_base_that_is_not_ours_is_named_in_one_line_without_advice_to_delete(tmp_path, content):
     base = tmp_path / "base.pt"
     if content == "foreign":
         torch.save({"weights": torch.zeros(2)}, base)
     elif content == "json":
         base = tmp_path / "metrics.json"
-        base.write_text('{"accuracy": {}}')
+        base.write_text('{"settings": {"method": "lora"}, "accuracy": {}}')   # a run's metrics
+    elif content == "metrics":                                        # a run's, with settings
+        base = tmp_path / "metrics.pt"
+        torch.save({"settings": {"method": "lora"}, "accuracy": {}}, base)
     else:
         base.write_bytes(content)
     args = train.get_args(f"{TINY} --out {tmp_path}/out --base {base} --method lora".split())
@@ -388,7 +391,8 @@ def test_nonfinite_loss_stops_with_a_hint_naming_the_flags(out, monkeypatch, met
                                        ("--lr nan", "--lr: must be"),
                                        ("--method align --align-weight inf", "--align-weight: must"),
                                        ("--width 30 --attn-heads 4", "--width must divide"),
-                                       ("--width 30 --attn-heads 2", "--modules must divide"),
+                                       ("--method spurious --width 30 --attn-heads 2",
+                                        "--modules must divide"),
                                        ("--base-steps 0", "--base-steps: must"),
                                        ("--batch 3", "--batch is global"),
                                        ("--device tpu", "invalid choice: 'tpu'"),
