@@ -527,9 +527,11 @@ def log(*a, **kw):
 def save(path, obj):
     """Written whole or not at all (a temporary file, flushed to disk, renamed), by process 0;
     a failed write stops the run naming the file, and leaves no temporary file behind."""
+    folder = os.path.dirname(path) or "."
+    made = not os.path.isdir(folder)
     if RANK == 0:
         try:
-            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            os.makedirs(folder, exist_ok=True)
             with open(path + ".tmp", "wb") as f:
                 if isinstance(obj, str):
                     f.write(obj.encode())
@@ -541,6 +543,8 @@ def save(path, obj):
         except (OSError, RuntimeError) as e:
             if os.path.exists(path + ".tmp"):
                 os.remove(path + ".tmp")
+            if made and os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
             raise SystemExit(f"error: cannot write {path}: {e}")
 
 
@@ -690,8 +694,15 @@ def run(args):
                    trainable=n_train, base_params=n_base, accuracy=acc, learned=learned,
                    epochs=epochs, losses=losses, loss=losses[-1][1] if losses else None,
                    steps_per_s=speed, total_s=time.time() - t0, settings=now)
-    save(os.path.join(folder, "adapter.pt"), method.state())
-    save(done, json.dumps(metrics, indent=1))
+    try:
+        save(os.path.join(folder, "adapter.pt"), method.state())
+        save(done, json.dumps(metrics, indent=1))
+    except SystemExit:                                # no half-written result left behind
+        if RANK == 0 and os.path.exists(os.path.join(folder, "adapter.pt")):
+            os.remove(os.path.join(folder, "adapter.pt"))
+            if not os.listdir(folder):
+                os.rmdir(folder)
+        raise
     if RANK == 0 and os.path.exists(ckpt):
         os.remove(ckpt)
     log(f"wrote {folder}/: metrics.json, adapter.pt; {speed:.1f} steps/s, {time.time() - t0:.0f} s")
