@@ -98,7 +98,11 @@ class MTCRL(nn.Module):
         K, m = self.n_modules, self.d // self.n_modules
         x = _fp32_or_wider(h).reshape(-1, h.shape[-1])                  # (N, d) tokens
         keep = torch.ones((), dtype=torch.bool) if mask is None else torch.as_tensor(mask) != 0
-        if torch.broadcast_shapes(keep.shape, h.shape[:-1]) != h.shape[:-1]:
+        try:
+            fits = torch.broadcast_shapes(keep.shape, h.shape[:-1]) == h.shape[:-1]
+        except RuntimeError:
+            fits = False
+        if not fits:
             raise ValueError(f"mask {tuple(keep.shape)} must broadcast to h's tokens "
                              f"{tuple(h.shape[:-1])}, e.g. (B, L) for h (B, L, d)")
         keep = keep.to(x.device).expand(h.shape[:-1]).reshape(-1, 1)    # (N, 1) kept tokens

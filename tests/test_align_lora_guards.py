@@ -43,7 +43,7 @@ def test_bad_construction_and_outputs_raise():
                     (dict(n_tasks="2"), "n_tasks")]:
         with pytest.raises(ValueError, match=msg):
             align_lora.AlignmentLoss(Probe(), **{"n_tasks": 2, **kw})
-    for zs, msg in [([torch.randn(4, 3, 2), torch.randn(4, 5, 2)], "same L"),   # layers disagree
+    for zs, msg in [([torch.randn(4, 3, 2), torch.randn(4, 5, 2)], "one L for all"),   # L differs
                     ([torch.randn(4)], "do not fit"),
                     ([torch.randn(12, 2)], "with a mask"),               # flat tokens, no mask
                     ([(torch.randn(4, 3, 2),)], r"\[\(\)\] do not fit")]:      # not a tensor
