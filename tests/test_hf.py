@@ -42,8 +42,9 @@ ADAPTER_STATE = {   # method -> (adapter tensors only, load them)
     "mlora-offset": (mh.multihead_state_dict, mh.load_multihead_state_dict),
     "mtl": (mtl_lora.mtl_state_dict, mtl_lora.load_mtl_state_dict),
 }
-UNLOAD = {"lora": lora.merge_and_unload_lora, "mlora": mh.merge_and_unload_multihead_lora,
-          "mlora-offset": mh.merge_and_unload_multihead_lora,
+UNLOAD = {"lora": lambda m: lora.merge_and_unload_lora(m),
+          "mlora": lambda m: mh.merge_and_unload_multihead_lora(m),
+          "mlora-offset": lambda m: mh.merge_and_unload_multihead_lora(m),
           "mtl": lambda m: mtl_lora.merge_and_unload_mtl_lora(m, 1)}
 ADAPTER_CLASSES = (lora.LoRALinear, mh.MultiHeadLoRALinear, mtl_lora.MTLLoRALinear)
 TASK, TASK_1 = torch.tensor([0, 1, 0, 1]), torch.tensor([1, 1, 1, 1])   # TASK_1: the MTL merge's
