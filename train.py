@@ -622,8 +622,8 @@ def run(args):
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     writable(folder)
-    writable(os.path.dirname(args.base) or ".")
     if base is None:                                                  # pre-train the base
+        writable(os.path.dirname(args.base) or ".")
         log(f"pre-training the base on {pretraining['tasks']}; it is cached in {args.base}")
         torch.manual_seed(0)
         model = TaskModel(GPT(config)).to(args.device)
