@@ -156,8 +156,10 @@ def main():
     args = p.parse_args()
     compares = {s: json.load(open(os.path.join(args.out, f"{s}-compare.json")))["results"]
                 for s in TASKS if os.path.exists(os.path.join(args.out, f"{s}-compare.json"))}
-    claims_path = os.path.join(args.out, "claims.json")
-    claims = json.load(open(claims_path))["results"] if os.path.exists(claims_path) else {}
+    claims = {}                       # claims.py --regime all, unlimited or finite: each its file
+    for name in ["claims.json", "claims-unlimited.json", "claims-finite.json"]:
+        if os.path.exists(os.path.join(args.out, name)):
+            claims |= json.load(open(os.path.join(args.out, name)))["results"]
     drawn = [f"accuracy_{suite}.png" for suite, results in compares.items()
              if accuracy(results, suite, os.path.join(args.out, f"accuracy_{suite}.png"))]
     pictures = [("loss_curves.png", loss_curves, compares), ("learned.png", learned, claims),

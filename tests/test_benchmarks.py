@@ -70,3 +70,19 @@ def test_figures_draw_one_suite_into_out_and_say_when_there_is_nothing(tmp_path)
     assert res.returncode == 0, res.stderr
     assert sorted(p.name for p in tmp_path.glob("*.png")) == ["accuracy_default.png", "loss_curves.png"]
     assert before == {f: os.path.getmtime(os.path.join(ROOT, "benchmarks", f)) for f in before}
+
+
+def test_figures_draw_the_sizes_picture_from_claims_finite_alone(tmp_path):
+    pytest.importorskip("matplotlib")
+    results = {}
+    for label in ["lora", "align"]:
+        for n in [64, 256]:
+            runs = [fake_run(label, "default", i) for i in range(2)]
+            for r in runs:
+                r["settings"]["train_samples"] = n
+            results[f"{label} n{n}"] = runs
+    (tmp_path / "claims-finite.json").write_text(json.dumps(dict(results=results, runs={})))
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "figures.py"), "--out",
+                          str(tmp_path)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert [p.name for p in tmp_path.glob("*.png")] == ["sizes.png"]
