@@ -35,12 +35,18 @@ SEP, PAD = 10, 11
 TASKS = ["copy", "reverse", "sort", "inc", "first_ge5", "has7", "sort_desc", "dec", "rotate"]
 SUITES = {"pretrain": ["copy", "reverse"],
           "default": ["sort", "inc", "first_ge5", "has7"],                # A = first_ge5, B = has7
-          "interference": ["sort", "sort_desc", "inc", "dec", "rotate"]}  # opposite pulls
+          "interference": ["sort", "sort_desc", "inc", "dec", "rotate"],  # opposite pulls
+          "related": ["sort", "sort_low", "sort_high"]}                   # one skill, 3 inputs
+# The related suite sorts digits 0-9, 0-4 or 5-9. Its new tasks borrow the task tokens of tasks
+# outside it, so the base's vocabulary (one token per task of TASKS) and the cached base stay.
+DIGITS = {"sort_low": (0, 5), "sort_high": (5, 10)}
+TOKEN_OF = {"sort_low": "dec", "sort_high": "rotate"}
 ANSWER = {   # x (n, L) digits -> answer (n, L) or label (n,)
     "copy": lambda x: x, "reverse": lambda x: x.flip(1),
     "sort": lambda x: x.sort(1).values, "sort_desc": lambda x: x.sort(1, descending=True).values,
     "inc": lambda x: (x + 1) % 10, "dec": lambda x: (x + 9) % 10, "rotate": lambda x: x.roll(-1, 1),
     "first_ge5": lambda x: (x[:, 0] >= 5).long(), "has7": lambda x: (x == 7).any(1).long(),
+    "sort_low": lambda x: x.sort(1).values, "sort_high": lambda x: x.sort(1).values,
 }
 SPLIT_SEED = {"train": 1, "val": 2, "test": 3, "train-set": 4}
 L, RHO_SHIFT, NOISE = 8, 0.1, 0.25      # digits per input; has7's shifted agreement, label noise
@@ -65,6 +71,9 @@ def make_batch(tasks, n, seed, L=L, rho=(0.8, 0.95), rho_shift=RHO_SHIFT, noise=
     task = torch.arange(n, device=device) % len(tasks)                # (n,) an even mix
     env = digit(0, 2, n) if not shifted else torch.full((n,), 2, device=device)
     x = digit(0, 10, n, L)                                            # (n, L)
+    for i, t in enumerate(tasks):                                     # the related suite's inputs
+        if t in DIGITS:
+            x = torch.where((task == i)[:, None], digit(*DIGITS[t], n, L), x)
     is_b = torch.zeros(n, dtype=torch.bool, device=device)
     if "has7" in tasks:
         y = rand(n) < 0.5                                             # clean label
@@ -90,7 +99,7 @@ def make_batch(tasks, n, seed, L=L, rho=(0.8, 0.95), rho_shift=RHO_SHIFT, noise=
         if out.dim() == 1:                                            # a label, then padding
             out = torch.cat([out[:, None], ans[:, 1:]], 1)
         ans = torch.where((task == i)[:, None], out, ans)
-        task_tok = torch.where(task == i, 12 + TASKS.index(t), task_tok)
+        task_tok = torch.where(task == i, 12 + TASKS.index(TOKEN_OF.get(t, t)), task_tok)
     seq = torch.cat([task_tok[:, None], x, torch.full((n, 1), SEP, device=device), ans], 1)
     clean = seq[:, 1:].clone()                                        # (n, 2L+1)
     clean[:, :L + 1] = -100
@@ -163,15 +172,16 @@ class GPT(nn.Module):
 
 class TaskModel(nn.Module):
     """The GPT with a method's adapters and what the method wires around it: MTL-LoRA's layers
-    read each sample's task id; MT-CRL's graph gates the final hidden state before the head."""
+    read each sample's task id (or, shared_id, id 0 for all); MT-CRL's graph gates the final
+    hidden state before the head."""
 
-    def __init__(self, gpt, crl=None, task_aware=False):
+    def __init__(self, gpt, crl=None, task_aware=False, shared_id=False):
         super().__init__()
-        self.gpt, self.crl, self.task_aware = gpt, crl, task_aware
+        self.gpt, self.crl, self.task_aware, self.shared_id = gpt, crl, task_aware, shared_id
 
     def forward(self, idx, task):                                     # -> logits, final state h
         if self.task_aware:
-            with mtl_lora.task_ids(self.gpt, task):
+            with mtl_lora.task_ids(self.gpt, torch.zeros_like(task) if self.shared_id else task):
                 h = self.gpt.features(idx)                            # (B, T, d)
         else:
             h = self.gpt.features(idx)
@@ -214,17 +224,26 @@ def adapt(gpt, args, n_tasks):
         return Method(TaskModel(gpt), lambda: multihead_lora.multihead_state_dict(gpt),
                       learned=learned)
     if m == "mtl":                                                    # reads the task ids
-        mtl_lora.add_mtl_lora(gpt, n_tasks, args.targets, n_up=args.n_up, tau=args.temperature,
-                              diagonal=args.diagonal, **hp)
+        mtl_lora.add_mtl_lora(gpt, 1 if args.shared_id else n_tasks, args.targets, n_up=args.n_up,
+                              tau=args.temperature, diagonal=args.diagonal, **hp)
+        for layer in mtl_lora.mtl_layers(gpt):
+            if args.task_transform != "learned":                      # the ablations of Lam_t
+                freeze_lambda(layer, args.task_transform)
+            if args.n_up == 1:                # p_t = softmax of one logit = 1: w_t cannot learn
+                layer.lora_w.requires_grad_(False)
         p_t = lambda b: {"mixing_weights": torch.stack(list(mtl_lora.mixing_weights(gpt)
                                                              .values())).mean(0)}  # task x B_i
-        return Method(TaskModel(gpt, task_aware=True), lambda: mtl_lora.mtl_state_dict(gpt),
-                      learned=p_t, hint=", --temperature")
+        return Method(TaskModel(gpt, task_aware=True, shared_id=args.shared_id),
+                      lambda: mtl_lora.mtl_state_dict(gpt), learned=p_t, hint=", --temperature")
     if m == "align":                                                  # L_task + lambda L_align
         lora.add_lora(gpt, args.targets, **hp)
         align = align_lora.AlignmentLoss(gpt, n_tasks, kind=args.align_loss)   # hooks lora_A
         extra = lambda step, b, logits, h: args.align_weight * align(b["task"], b["idx"] != PAD)
-        return Method(TaskModel(gpt), lambda: lora.lora_state_dict(gpt), extra,
+
+        def final_align(b):                           # L_align after training, any weight (0 too)
+            gpt.features(b["idx"])
+            return {"alignment_loss": align(b["task"], b["idx"] != PAD)}
+        return Method(TaskModel(gpt), lambda: lora.lora_state_dict(gpt), extra, final_align,
                       hint=", --align-weight")
     lora.add_lora(gpt, args.targets, **hp)                            # spurious: MT-CRL on the
     crl = spurious_reg.MTCRL(args.width, n_tasks, args.modules)       # final hidden state
@@ -241,6 +260,19 @@ def adapt(gpt, args, n_tasks):
     state = lambda: lora.lora_state_dict(gpt) | {"crl.G": crl.G.detach()}
     return Method(TaskModel(gpt, crl), state, extra, lambda b: {"graph": crl.gates()},  # task x K
                   ", --invariance-weight, --decorr-weight")
+
+
+
+def freeze_lambda(layer, kind):
+    """MTL-LoRA's Lam_t frozen: at the identity, or split: a 0/1 diagonal that keeps task t's
+    r/T rows of A (with one up-projection: T separate LoRAs of rank r/T, HydraLoRA's LoRA-Split)."""
+    T, r = layer.lora_lambda.shape[:2]
+    keep = torch.ones(T, r)                                           # (T, r) the diagonals
+    if kind == "split":
+        keep = (torch.arange(r) // (r // T) == torch.arange(T)[:, None]).float()
+    with torch.no_grad():
+        layer.lora_lambda.copy_(keep if layer.diagonal else torch.diag_embed(keep))
+    layer.lora_lambda.requires_grad_(False)
 
 # ----------------------------------------------------------------------------- training
 # Under torchrun (WORLD > 1) each process trains on its share of every global batch, drawn with
@@ -320,9 +352,9 @@ def evaluate(model, splits, tasks):
             right.append(((pred == c) | (c == -100)).all(1))
         right = torch.cat(right).float()                              # (n,) 1: all answer right
         n = torch.bincount(b["task"], minlength=len(tasks))
-        out[split] = dict(zip(tasks, (torch.zeros(len(tasks), device=right.device)
-                                      .index_add_(0, b["task"], right) / n).tolist()))
-        if "has7" in tasks:
+        acc = torch.zeros(len(tasks), device=right.device).index_add_(0, b["task"], right) / n
+        out[split] = {t: a for t, a, k in zip(tasks, acc.tolist(), n.tolist()) if k}  # --tasks
+        if "has7" in out[split]:
             is_b = b["task"] == tasks.index("has7")
             guess = (b["idx"][is_b, 1] >= 5).long()
             out[split]["shortcut"] = (guess == b["clean"][is_b, L + 1]).float().mean().item()
@@ -334,7 +366,8 @@ def report(acc, tasks):
     for t in tasks + (["shortcut"] if "has7" in tasks else []):
         lines.append(f"{t:<12}" + "".join(f"{a[t]:>8.1%}" if t in a else f"{'-':>8}"
                                           for s, a in acc.items()))
-    return "\n".join(lines + ["(against clean labels; shortcut: has7 read off the first digit)"])
+    return "\n".join(lines + ["(against clean labels; shortcut: has7 read off the first digit)"]
+                     * ("has7" in tasks))
 
 
 def examples(model, b, tasks):
@@ -352,7 +385,8 @@ def examples(model, b, tasks):
 METHODS = ["none", "full", "lora", "multihead", "mtl", "align", "spurious"]
 TARGETS = ["q", "k", "v", "o", "up", "down"]
 OWN = {"adapters": ["rank", "alpha", "dropout", "targets"],        # the flags of some methods
-       "multihead": ["lora_heads", "no_router", "init"], "mtl": ["n_up", "temperature", "diagonal"],
+       "multihead": ["lora_heads", "no_router", "init"], "mtl": ["n_up", "temperature", "diagonal", "shared_id",
+                                                  "task_transform"],
        "align": ["align_loss", "align_weight"], "spurious": ["modules", "decorr_weight",
        "sparsity_weight", "invariance_weight", "invariance_warmup", "env_tasks", "env_source"]}
 BASE = dict(lr=3e-3, batch=256, warmup=50)                          # the base's pre-training
@@ -371,7 +405,10 @@ def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
     a, i, f = p.add_argument, lambda lo, hi: between(lo, hi, int), between
     a("--method", default="lora", choices=METHODS, help="none: the base as is; full: all weights")
-    a("--suite", default="default", choices=["default", "interference"], help="the tasks")
+    a("--suite", default="default", choices=["default", "interference", "related"],
+      help="the tasks")
+    a("--tasks", help="train on these tasks of the suite alone, e.g. inc: each step keeps their "
+      "samples of the suite's batch, so each sees the same samples as in the multi-task run")
     a("--steps", type=i(1, 1e7), default=1000, help="adaptation steps")
     a("--batch", type=i(1, 1e6), default=256, help="samples per step (all processes together)")
     a("--lr", type=f(1e-7, 1), help="peak learning rate (default 3e-3; full: 1e-3)")
@@ -393,6 +430,11 @@ def parser():
     a("--n-up", type=i(1, 64), default=3, help="shared up-projections B_i (n)")
     a("--temperature", type=f(1e-3, 1e3), default=0.1, help="tau of p_t = softmax(w_t / tau)")
     a("--diagonal", action="store_true", help="diagonal task transforms Lam_t")
+    a("--shared-id", action="store_true", help="every sample gets task id 0: one Lam and p_t "
+      "for all tasks (the control for task ids)")
+    a("--task-transform", default="learned", choices=["learned", "identity", "split"],
+      help="Lam_t learned, or frozen: at the identity, or split: task t keeps its r/T rows of A "
+      "(with --n-up 1: T LoRAs of rank r/T, HydraLoRA's LoRA-Split)")
     a = p.add_argument_group("align: Align-LoRA").add_argument
     a("--align-loss", default="kl", choices=["kl", "mmd"], help="the alignment loss")
     a("--align-weight", type=f(0, 1e4), default=0.2, help="lambda of L_task + lambda L_align")
@@ -447,6 +489,9 @@ def get_args(argv=None):
             (args.method == "spurious" and args.width % args.modules, "--modules must divide "
              "--width"),
             (args.init == "offset" and not args.no_router, "--init offset needs --no-router"),
+            (args.task_transform == "split" and (args.n_up != 1 or args.rank % len(tasks)),
+             f"--task-transform split needs --n-up 1 and a --rank that divides by the "
+             f"{len(tasks)} tasks"),
             (args.batch % WORLD or args.batch // WORLD < len(tasks), f"--batch is global: it must "
              f"divide by the {WORLD} processes, each with a sample of each task at least"),
             (args.device == "cuda" and not torch.cuda.is_available(), "--device cuda: no CUDA"),
@@ -465,6 +510,12 @@ def get_args(argv=None):
         p.error(f"--rho takes two numbers in [0, 1], e.g. 0.8,0.95; got {args.rho}")
     args.rho = rho
     args.train_samples = sizes(args.train_samples, tasks, p.error)
+    if args.tasks is not None:                                        # canonical: suite order
+        chosen = [t.strip() for t in args.tasks.split(",")]
+        if not chosen or set(chosen) - set(tasks):
+            p.error(f"--tasks takes tasks of the suite {args.suite}, comma-separated "
+                    f"({','.join(tasks)}); got {args.tasks}")
+        args.tasks = [t for t in tasks if t in chosen]
     auto = dict(lr=1e-3 if args.method == "full" else 3e-3, alpha=2.0 * args.rank,
                 warmup=min(50, args.steps // 10),
                 dropout=0.05 if args.method == "multihead" and args.no_router else 0.0,
@@ -584,15 +635,31 @@ def writable(folder):
                 os.rmdir(d)
 
 
-def batches(args, tasks, seed, batch, data_set=None, sizes=None):
-    """step -> that step's batch (each process its own): fresh, or from the finite data_set."""
+def batches(args, tasks, seed, batch, data_set=None, sizes=None, chosen=None):
+    """step -> that step's batch (each process its own): fresh, or from the finite data_set;
+    with `chosen` (--tasks), the samples of those tasks only (sample i is task i % T)."""
+    n = batch // WORLD
+    keep = None if chosen is None else torch.tensor(
+        [i for i in range(n) if tasks[i % len(tasks)] in chosen], device=args.device)
+
     def get(step):
         s = data_seed("train", seed, step) + (RANK << 50)
         if data_set is not None:
-            return draw(data_set, sizes, batch // WORLD, s)
-        return make_batch(tasks, batch // WORLD, s, L, args.rho, RHO_SHIFT, NOISE, False,
-                          args.device, args.env_tasks, args.env_source)
+            b = draw(data_set, sizes, n, s)
+        else:
+            b = make_batch(tasks, n, s, L, args.rho, RHO_SHIFT, NOISE, False, args.device,
+                           args.env_tasks, args.env_source)
+        return b if keep is None else {k: v[keep] for k, v in b.items()}
     return get
+
+
+def only(b, tasks, chosen):
+    """The samples of the chosen tasks (--tasks; None: all) in a batch."""
+    if chosen is None:
+        return b
+    keep = torch.isin(b["task"], torch.tensor([tasks.index(t) for t in chosen],
+                                              device=b["task"].device))
+    return {k: v[keep] for k, v in b.items()}
 
 
 def run(args):
@@ -605,7 +672,8 @@ def run(args):
     pretraining = dict(model=asdict(config), tasks=SUITES["pretrain"], steps=args.base_steps) | BASE
     if os.path.exists(done):
         saved = load(done, "metrics", now, "pass another --out")
-        log(f"{folder} holds this run, finished:\n" + report(saved["accuracy"], tasks))
+        log(f"{folder} holds this run, finished:\n" + report(saved["accuracy"],
+                                                             args.tasks or tasks))
         return saved
     if os.path.exists(ckpt) and not args.resume:
         raise SystemExit(f"error: {folder} holds an unfinished run: --resume continues it")
@@ -646,7 +714,8 @@ def run(args):
         n = torch.tensor(args.train_samples).expand(len(tasks))      # (T,) samples per task
         data_set = make_batch(tasks, int(n.max()) * len(tasks), data_seed("train-set", args.seed),
                               **kw, env_tasks=args.env_tasks, env_source=args.env_source)
-        epochs = dict(zip(tasks, (args.steps * args.batch / len(tasks) / n).tolist()))
+        epochs = {t: e for t, e in zip(tasks, (args.steps * args.batch / len(tasks) / n).tolist())
+                  if t in (args.tasks or tasks)}
         log("a finite training set; epochs: " + ", ".join(f"{t} {e:.1f}" for t, e in
                                                          epochs.items()))
     if WORLD > 1:
@@ -655,7 +724,8 @@ def run(args):
         torch._dynamo.reset()      # twice; a fresh cache: dynamo's guards can miss align's hooks
         model.gpt.features = torch.compile(model.gpt.features)
     try:
-        losses, speed = train(model, batches(args, tasks, args.seed, args.batch, data_set, n),
+        losses, speed = train(model, batches(args, tasks, args.seed, args.batch, data_set, n,
+                                             args.tasks),
                               args.steps, args.lr, args.warmup, method.extra_loss,
                               args.autocast == "bf16",
                               start, lambda state: save(ckpt, state | dict(settings=now)),
@@ -677,15 +747,21 @@ def run(args):
         splits["train"] = {k: v[keep] for k, v in data_set.items()}
     for split, seed, shifted in [("val", "val", 0), ("test", "test", 0), ("shift", "test", 1)]:
         splits[split] = make_batch(tasks, m, data_seed(seed, 0), shifted=shifted, **kw)
+    splits = {k: only(b, tasks, args.tasks) for k, b in splits.items()}
     acc = evaluate(model, splits, tasks)
-    log(report(acc, tasks), examples(model, make_batch(tasks, 2 * len(tasks), data_seed("test", 0),
-                                                          **kw), tasks), sep="\n")
+    log(report(acc, args.tasks or tasks), examples(model, only(make_batch(tasks, 2 * len(tasks), data_seed(
+        "test", 0), **kw), tasks, args.tasks), tasks), sep="\n")
     learned = {}
     if method.learned is not None:                    # what its task-specific parts learned
-        learned = method.learned(make_batch(tasks, 200 * len(tasks), data_seed("test", 0), **kw))
+        with torch.no_grad():
+            learned = method.learned(only(make_batch(tasks, 200 * len(tasks), data_seed("test", 0),
+                                                     **kw), tasks, args.tasks))
     for k, v in learned.items():                      # per layer, or task x head / B_i / module
         if isinstance(v, dict):
             log(f"{k} per layer: " + ", ".join(f"{x:.3f}" for x in v.values() if x is not None))
+        elif v.dim() == 0:                            # one value, e.g. L_align
+            learned[k] = v.item()
+            log(f"{k}: {learned[k]:.4g}")
         else:
             learned[k] = v.tolist()
             log(f"{k}, task x column:\n" + "\n".join(f"  {t:<12}" + "".join(

@@ -84,17 +84,25 @@ FINITE = {   # label -> (suite, flags): the finite regime
 }
 
 
-def avg(m):
+def avg(m, split="test"):
     tasks = train.SUITES[m["suite"]]
-    return sum(m["accuracy"]["test"][t] for t in tasks) / len(tasks) * 100
+    return sum(m["accuracy"][split][t] for t in tasks) / len(tasks) * 100
 
 
 def shifted_b(m):
     return m["accuracy"]["shift"]["has7"] * 100
 
 
-def low_task(m):
-    return m["accuracy"]["test"][LOW] * 100
+def acc_of(task):
+    """The metric: one task's accuracy, %."""
+    def metric(m, split="test"):
+        return m["accuracy"][split][task] * 100
+    METRIC[metric] = f"{task}'s test accuracy, %"
+    return metric
+
+
+def align_value(m):                  # L_align after training (KL unless the run used MMD)
+    return m["learned"]["alignment_loss"]
 
 
 def gap(m):                          # training-set minus test accuracy, mean over the tasks
@@ -105,6 +113,11 @@ def gap(m):                          # training-set minus test accuracy, mean ov
 def head_sim(m):                     # median over layers of the mean pairwise cosine of the heads
     return statistics.median(v for v in m["learned"]["head_similarity"].values() if v is not None)
 
+
+METRIC = {avg: "mean test accuracy over the tasks, %", shifted_b: "has7 shifted, %",
+          head_sim: "median head cosine",
+          gap: "training-set minus test accuracy, mean over the tasks, points"}
+low_task = acc_of(LOW)
 
 CLAIMS = [   # (paper, claim, our setting, metric, a, b or a threshold); "~b": a is competitive with b
             # the unlimited regime: a fresh batch every step
@@ -177,9 +190,93 @@ CLAIMS_FINITE = [   # the same, on finite training sets (train.py --train-sample
     ("MT-CRL", "derived environments do as well as annotated ones", "default, r=8, 1024 per task",
      shifted_b, "spurious derived n1024", "~spurious n1024"),
 ]
-METRIC = {avg: "mean test accuracy over the tasks, %", shifted_b: "has7 shifted, %",
-          head_sim: "median head cosine", low_task: f"{LOW}'s test accuracy, %",
-          gap: "training-set minus test accuracy, mean over the tasks, points"}
+
+# The controls: each verdict against a fair baseline (the same dropout, and LoRA at its best
+# dropout chosen on the validation draw), each task alone, the ablation behind each win, and a
+# suite of related tasks. Runs: label -> (suite, flags, seeds); 5 seeds where the spread is wide.
+R, REL_LOW, REL_SIZES = "related", "sort_high", "1024,sort_high=64"   # sort on 0-9, 0-4, 5-9
+DROPOUTS = [("", []), (" d0.1", ["--dropout", "0.1"])]
+LORA, MTL, HYDRA = ["--method", "lora"], ["--method", "mtl"], ["--method", "multihead"]
+ALIGN, MMD = ["--method", "align"], ["--method", "align", "--align-loss", "mmd"]
+LOW_FLAGS, REL_FLAGS = ["--train-samples", LOW_SIZES], ["--train-samples", REL_SIZES]
+CONTROLS = {
+    **{f"{k} low{d}": (D, f + LOW_FLAGS + df, n) for d, df in DROPOUTS for k, f, n in [
+        ("lora", LORA, 5), ("mtl", MTL, 5), ("align", ALIGN, 5), ("hydra", HYDRA, 3)]},
+    "mtl low shared-id": (D, MTL + ["--shared-id"] + LOW_FLAGS, 5),
+    "mtl low Lam=I": (D, MTL + ["--task-transform", "identity"] + LOW_FLAGS, 3),
+    "mtl low n=1": (D, MTL + ["--n-up", "1"] + LOW_FLAGS, 3),
+    "lora-split r16 low": (D, MTL + ["--n-up", "1", "--task-transform", "split", "--rank", "16"]
+                           + LOW_FLAGS, 3),
+    **{f"lora low alone {t}": (D, LORA + ["--tasks", t] + LOW_FLAGS, 3) for t in train.SUITES[D]},
+    **{f"align low w{w}": (D, ALIGN + ["--align-weight", w] + LOW_FLAGS, 3)
+       for w in ["0", "0.002", "0.02", "2"]},
+    **{f"r {k}{d}": (R, f + REL_FLAGS + df, n) for d, df in DROPOUTS for k, f, n in [
+        ("lora", LORA, 5), ("align", ALIGN, 5), ("align l0.02", ALIGN + ["--align-weight", "0.02"], 5),
+        ("align mmd", MMD, 3), ("mtl", MTL, 5), ("hydra", HYDRA, 3)]},
+    **{f"r align w{w}": (R, ALIGN + ["--align-weight", w] + REL_FLAGS, 3) for w in ["0", "0.002", "2"]},
+    **{f"r lora alone {t}": (R, LORA + ["--tasks", t] + REL_FLAGS, 5 if t == REL_LOW else 3)
+       for t in train.SUITES[R]},
+    **{f"{k} n4096": (D, f + ["--train-samples", "4096"], 3) for k, f in [
+        ("lora", LORA), ("spurious", ["--method", "spurious"]),
+        ("spurious no-IRM", ["--method", "spurious", "--invariance-weight", "0"])]},
+}
+SWEEPS = {   # Align-LoRA's weight lambda -> the run; accuracy and the final L_align of each
+    "default, inc 64 among 1024": {0: "align low w0", 0.002: "align low w0.002",
+                                   0.02: "align low w0.02", 0.2: "align low", 2: "align low w2"},
+    "related, sort_high 64 among 1024": {0: "r align w0", 0.002: "r align w0.002",
+                                         0.02: "r align l0.02", 0.2: "r align", 2: "r align w2"}}
+LOW_BARS = ["lora low", "lora low d0.1", "lora low alone inc", "mtl low", "mtl low d0.1",
+            "mtl low shared-id", "mtl low Lam=I", "mtl low n=1", "lora-split r16 low", "hydra low",
+            "hydra low d0.1", "align low", "align low d0.1"]     # the picture of inc, per run
+LOW_SET = f"default, r=8, {LOW} 64, the others 1024"
+REL_SET = f"related, r=8, {REL_LOW} 64, the others 1024"
+rel_low = acc_of(REL_LOW)
+BEST = {D: ("lora low", "lora low d0.1"), R: ("r lora", "r lora d0.1")}   # chosen on validation
+DIVIDE = [("MTL-LoRA", "divide per task", "mtl"), ("HydraLoRA", "divide, routed; its router "
+          "against the heads averaged, which is LoRA (equal heads get equal gradients)", "hydra"),
+          ("Align-LoRA", "align: KL, lambda 0.2", "align")]
+CLAIMS_CONTROLS = [
+    ("LoRA", "dropout 0.1 helps the low-resource task (a standard regularizer)", LOW_SET, low_task,
+     "lora low d0.1", "lora low"),
+    *[(paper, f"helps the low-resource task more than LoRA at the same dropout {d or '0'} ({what})",
+       LOW_SET, low_task, f"{k} low{d and ' d0.1'}", f"lora low{d and ' d0.1'}")
+      for paper, what, k in DIVIDE for d in ["", "0.1"]],
+    *[(paper, f"helps the low-resource task more than LoRA at its best dropout, at dropout "
+       f"{d or '0'} ({what.split(';')[0]})", LOW_SET, low_task, f"{k} low{d and ' d0.1'}", BEST[D])
+      for paper, what, k in DIVIDE for d in ["", "0.1"]],
+    ("MTL-LoRA", "ablation: its gain needs task ids (one shared id for every sample)", LOW_SET,
+     low_task, "mtl low", "mtl low shared-id"),
+    ("MTL-LoRA", "ablation: its gain needs learned task transforms (Lam_t frozen at I)", LOW_SET,
+     low_task, "mtl low", "mtl low Lam=I"),
+    ("MTL-LoRA", "ablation: its gain needs several up-projections (n=1)", LOW_SET, low_task,
+     "mtl low", "mtl low n=1"),
+    *[(paper, f"beats LoRA-Split (4 LoRAs of rank 4, one per task: 55.3k) at about equal "
+       f"parameters ({k}: 60k)", LOW_SET, metric, f"{k} low", "lora-split r16 low")
+      for paper, k in [("MTL-LoRA", "mtl"), ("HydraLoRA", "hydra")] for metric in [low_task, avg]],
+    *[("multi-task", f"training {t} with the other tasks beats training it alone (transfer)",
+       f"{LOW_SET}; {t} alone sees the same samples", acc_of(t), "lora low", f"lora low alone {t}")
+      for t in train.SUITES[D]],
+    *[("multi-task", f"training {t} with the other tasks beats training it alone (transfer)",
+       f"{REL_SET}; {t} alone sees the same samples", acc_of(t), "r lora", f"r lora alone {t}")
+      for t in train.SUITES[R]],
+    *[(paper, f"beats LoRA on related tasks at the same dropout {d or '0'} ({what})", REL_SET,
+       metric, f"r {k}{d and ' d0.1'}", f"r lora{d and ' d0.1'}")
+      for paper, what, k in [("Align-LoRA", "KL, lambda 0.2", "align"),
+                             ("Align-LoRA", "KL, lambda 0.02", "align l0.02"),
+                             ("Align-LoRA", "MMD, lambda 0.2", "align mmd"),
+                             ("MTL-LoRA", "divide per task", "mtl"),
+                             ("HydraLoRA", "divide, routed", "hydra")]
+      for d in ["", "0.1"] for metric in [rel_low, avg]],
+    *[(paper, f"beats LoRA on related tasks at its best dropout, at dropout {d or '0'} ({what})",
+       REL_SET, rel_low, f"r {k}{d and ' d0.1'}", BEST[R])
+      for paper, what, k in [("Align-LoRA", "KL, lambda 0.2", "align"),
+                             ("Align-LoRA", "KL, lambda 0.02", "align l0.02")]
+      for d in ["", "0.1"]],
+    ("MT-CRL", "raises has7's shifted accuracy over LoRA with more data", "default, r=8, 4096 per "
+     "task", shifted_b, "spurious n4096", "lora n4096"),
+    ("MT-CRL", "ablation: its gain needs the IRM penalty (weight 0)", "default, r=8, 4096 per task",
+     shifted_b, "spurious n4096", "spurious no-IRM n4096"),
+]
 
 
 def verdict(d, margin, competitive=False):
@@ -207,6 +304,8 @@ def claims_table(results, claims=CLAIMS):
     for paper, claim, setting, metric, a, b in claims:
         xa, competitive = [metric(m) for m in results[a]], isinstance(b, str) and b.startswith("~")
         b = b.lstrip("~") if competitive else b
+        if isinstance(b, tuple):                  # LoRA at its best: the best mean on validation
+            b = max(b, key=lambda k: statistics.mean(metric(m, "val") for m in results[k]))
         if isinstance(b, float):
             d, digits, margin = [x - b for x in xa], 3, 0.0
             result = f"{fmt(xa, 3)} (threshold {b})"
@@ -219,19 +318,44 @@ def claims_table(results, claims=CLAIMS):
     return "\n".join(lines)
 
 
-def prerun(runner, runs, jobs):
-    """Train the runs not yet finished `jobs` at a time, each a train.py process on one thread
-    (on a 2-core CPU, two one-thread runs do 1.4x the steps of one two-thread run; a run's last
-    digits depend on its thread count). The runner then reads them back as finished runs."""
-    todo = []
-    for label, (suite, flags) in runs.items():
-        for seed in runner.seeds:
-            argv = runner.common + flags + ["--suite", suite, "--seed", str(seed)]
+def sweep_table(results):
+    """Align-LoRA's weight against accuracy and the alignment loss left after training."""
+    lines = ["| suite | lambda | mean test accuracy, % | low-resource task, % | final L_align (KL) |"
+             " seeds |", "|---|---|---|---|---|---|"]
+    for suite, by_weight in SWEEPS.items():
+        for w, label in by_weight.items():
+            rs, low = results[label], acc_of(REL_LOW if label.startswith("r ") else LOW)
+            lines.append(f"| {suite} | {w:g} | {fmt([avg(m) for m in rs])} | "
+                         f"{fmt([low(m) for m in rs])} | {fmt([align_value(m) for m in rs], 3)} | "
+                         f"{len(rs)} |")
+    return "\n".join(lines)
+
+
+COST = {"none": 0.1, "full": 0.9, "lora": 1.0, "multihead": 1.5, "mtl": 1.3, "align": 1.2,
+        "spurious": 1.1}      # a run's time in one-thread LoRA runs (about 2 min each, 2 at a time)
+
+
+def plan(runs, seeds, common):
+    """The runs not yet finished, (what, train.py's argv), and their time in LoRA runs."""
+    todo, cost = [], 0.0
+    for label, (suite, flags, n) in runs.items():
+        for seed in range(seeds or n):
+            argv = common + flags + ["--suite", suite, "--seed", str(seed)]
             args = train.get_args(argv)
             folder = os.path.join(args.out, args.name)
             if not os.path.exists(os.path.join(folder, "metrics.json")):
                 resume = ["--resume"] if os.path.exists(os.path.join(folder, "ckpt.pt")) else []
                 todo.append((f"{label}, seed {seed}", argv + resume))
+                mmd = args.method == "align" and args.align_loss == "mmd"
+                share = len(args.tasks) / len(train.SUITES[suite]) if args.tasks else 1
+                cost += (3.0 if mmd else COST[args.method]) * share
+    return todo, cost
+
+
+def prerun(todo, jobs):
+    """Train the runs `jobs` at a time, each a train.py process on one thread (on a 2-core CPU,
+    two one-thread runs do 1.4x the steps of one two-thread run; a run's last digits depend on
+    its thread count). The runner then reads them back as finished runs."""
     env, t0 = dict(os.environ, OMP_NUM_THREADS="1"), time.perf_counter()
 
     def one(item):
@@ -240,36 +364,49 @@ def prerun(runner, runs, jobs):
         if res.returncode:
             raise SystemExit(f"{what} failed:\n{res.stderr[-2000:]}")
         print(f"done: {what} ({(time.perf_counter() - t0) / 60:.1f} min so far)", flush=True)
-    print(f"{len(todo)} runs to train, {jobs} at a time", flush=True)
     with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
         list(pool.map(one, todo))
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--regime", default="all", choices=["all", "unlimited", "finite"])
-    p.add_argument("--seeds", type=compare.positive, default=3)
+    p.add_argument("--regime", default="all", choices=["all", "unlimited", "finite", "controls"])
+    p.add_argument("--seeds", type=compare.positive, help="seeds per setting (default: 3; the "
+                   "controls' low-resource and related-suite settings 5)")
     p.add_argument("--jobs", type=compare.positive, default=1,
                    help="runs at a time, one thread each (default: one, in this process)")
     p.add_argument("--out", default="out", help="train.py's --out")
     p.add_argument("--base", help="train.py's --base (default: <out>/base.pt)")
     args = p.parse_args()
     t0 = time.perf_counter()
-    rows = {"unlimited": CLAIMS, "finite": CLAIMS_FINITE}
+    rows = {"unlimited": CLAIMS, "finite": CLAIMS_FINITE, "controls": CLAIMS_CONTROLS}
     rows = rows if args.regime == "all" else {args.regime: rows[args.regime]}
-    runs = {k: v for k, v in (RUNS | FINITE).items()
-            if any(k in (row[4], str(row[5]).lstrip("~")) for claims in rows.values() for row in claims)}
+    every = {k: (suite, flags, 3) for k, (suite, flags) in (RUNS | FINITE).items()} | CONTROLS
+    used = {label for claims in rows.values() for row in claims
+            for label in [row[4], *(row[5] if isinstance(row[5], tuple) else [row[5]])]
+            if isinstance(label, str)}
+    used |= {label for by_weight in SWEEPS.values() for label in by_weight.values()} \
+        if "controls" in rows else set()
+    runs = {k: v for k, v in every.items() if k in {u.lstrip("~") for u in used}}
     common = ["--out", args.out] + (["--base", args.base] if args.base else [])
-    runner = compare.Runner(common, [], range(args.seeds), len(runs) * args.seeds)
+    todo, cost = plan(runs, args.seeds, common)
+    print(f"{sum(args.seeds or n for _, _, n in runs.values())} runs, {len(todo)} to train: "
+          f"about {cost * 2 / args.jobs / 60:.1f} h at --jobs {args.jobs} on a 2-core CPU "
+          f"({cost:.0f} one-thread LoRA runs of about 2 min)", flush=True)
+    runner = compare.Runner(common, [], range(args.seeds or 3), len(todo))
     if args.jobs > 1:
-        prerun(runner, runs, args.jobs)
-    results = {label: runner(label, flags + ["--suite", suite]) for label, (suite, flags) in runs.items()}
-    table = "\n\n".join(f"{regime}:\n\n" + claims_table(results, claims) for regime, claims in rows.items())
+        prerun(todo, args.jobs)
+    results = {label: runner(label, flags + ["--suite", suite], range(args.seeds or n))
+               for label, (suite, flags, n) in runs.items()}
+    tables = [f"{regime}:\n\n" + claims_table(results, claims) for regime, claims in rows.items()]
+    if "controls" in rows:
+        tables.append("Align-LoRA's weight (controls):\n\n" + sweep_table(results))
+    table = "\n\n".join(tables)
     name = "claims" if args.regime == "all" else f"claims-{args.regime}"
     with open(os.path.join(args.out, f"{name}.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(args.out, f"{name}.json"), "w") as f:
-        json.dump(dict(results=results, runs=runs), f, indent=1)
+        json.dump(dict(results=results, runs=runs, sweeps=SWEEPS, low=LOW_BARS), f, indent=1)
     print(f"\n{table}\n\n{(time.perf_counter() - t0) / 60:.1f} min; wrote {args.out}/{name}.md, "
           f"{name}.json; pictures: python benchmarks/figures.py")
 

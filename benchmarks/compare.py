@@ -32,11 +32,11 @@ class Runner:
         self.common, self.adapter, self.seeds, self.planned = common, adapter, seeds, planned
         self.results, self.t0, self.trained = {}, time.perf_counter(), []
 
-    def __call__(self, label, flags):
+    def __call__(self, label, flags, seeds=None):
         if label in self.results:
             return self.results[label]
         adapter = flags[1] not in ("none", "full")
-        for seed in self.seeds:
+        for seed in seeds or self.seeds:
             done = sum(len(r) for r in self.results.values())
             left = (f", about {sum(self.trained) / len(self.trained) * (self.planned - done) / 60:.0f} min "
                     "left" if self.trained else "")
