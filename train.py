@@ -3,13 +3,19 @@
     python train.py --method align               # pre-trains and caches the base the first time
     python train.py --method mtl --suite interference --rank 2
     python train.py --method lora --train-samples 256           # a finite training set per task
+    python train.py --method lora --tasks inc                   # one task of the suite, alone
     torchrun --standalone --nproc_per_node=2 train.py --method lora       # data parallel
 
 Top to bottom: the data, the model, adapting the model for a method (one block per method), the
-training loop, evaluation, the command line and main. A run writes <out>/<suite>-<method>-seed<s>
-[-<flag><value>...]/ (every setting you changed is in the name): metrics.json and adapter.pt.
+training loop, evaluation, the command line, then run(): the lesson on one screen (checks, the
+base, adapt, train, evaluate, save), with its bookkeeping in the helpers after it. A run writes
+<out>/<suite>-<method>-seed<s>[-<flag><value>...]/ (every setting you changed is in the name):
+metrics.json and adapter.pt.
 """
 import argparse
+import contextlib
+import functools
+import glob
 import json
 import math
 import os
@@ -26,6 +32,11 @@ import lora
 import mtl_lora
 import multihead_lora
 import spurious_reg
+
+try:
+    import fcntl                                  # a run folder's lock (POSIX; none elsewhere)
+except ImportError:
+    fcntl = None
 
 # ----------------------------------------------------------------------------- data
 # A sample is [task] x1..xL [SEP] y1..ym: digit tokens 0-9, then SEP, PAD and one token per task.
@@ -79,7 +90,8 @@ def make_batch(tasks, n, seed, L=L, rho=(0.8, 0.95), rho_shift=RHO_SHIFT, noise=
         y = rand(n) < 0.5                                             # clean label
         xb = digit(0, 9, n, L)
         xb = xb + (xb >= 7).long()                                    # digits without a 7
-        rows, pos = torch.arange(n, device=device), digit(1, L, n)
+        pos = digit(1, L, n)                                          # (n,) where the 7 goes
+        rows = torch.arange(n, device=device)
         xb[rows, pos] = torch.where(y, 7, xb[rows, pos])              # one 7 when y
         y_noisy = y ^ (rand(n) < noise)
         rho_e = torch.where(env == 0, rho[0], torch.where(env == 1, rho[1], rho_shift))   # (n,)
@@ -93,7 +105,8 @@ def make_batch(tasks, n, seed, L=L, rho=(0.8, 0.95), rho_shift=RHO_SHIFT, noise=
             env = torch.where(is_b, (x[:, 0] >= 5).long(), env)
     if env_tasks == "has7":
         env = torch.where(is_b, env, -1)
-    ans, task_tok = torch.full((n, L), PAD, device=device), torch.zeros_like(task)
+    ans = torch.full((n, L), PAD, device=device)                      # (n, L) answer tokens
+    task_tok = torch.zeros_like(task)
     for i, t in enumerate(tasks):                                     # a few tasks, vectorized
         out = ANSWER[t](x)
         if out.dim() == 1:                                            # a label, then padding
@@ -134,7 +147,8 @@ class GPTConfig:
 class Block(nn.Module):
     def __init__(self, c: GPTConfig):
         super().__init__()
-        d, self.heads = c.width, c.heads
+        d = c.width
+        self.heads = c.heads
         self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
         self.q, self.k, self.v, self.o = (nn.Linear(d, d, bias=False) for _ in range(4))
         self.up, self.down = nn.Linear(d, 4 * d, bias=False), nn.Linear(4 * d, d, bias=False)
@@ -172,12 +186,13 @@ class GPT(nn.Module):
 
 class TaskModel(nn.Module):
     """The GPT with a method's adapters and what the method wires around it: MTL-LoRA's layers
-    read each sample's task id (or, shared_id, id 0 for all); MT-CRL's graph gates the final
-    hidden state before the head."""
+    read each sample's task id (shared_id: id 0 for all); MT-CRL's graph gates the final hidden
+    state before the head."""
 
     def __init__(self, gpt, crl=None, task_aware=False, shared_id=False):
         super().__init__()
-        self.gpt, self.crl, self.task_aware, self.shared_id = gpt, crl, task_aware, shared_id
+        self.gpt, self.crl = gpt, crl
+        self.task_aware, self.shared_id = task_aware, shared_id
 
     def forward(self, idx, task):                                     # -> logits, final state h
         if self.task_aware:
@@ -194,7 +209,7 @@ class Method:                          # what a method adds to the GPT, for trai
     state: object                      # () -> the tensors to save (adapter.pt)
     extra_loss: object = None          # (step, batch, logits, h) -> a term added to the loss
     learned: object = None             # (batch) -> {name: what it learned, per task or layer}
-    hint: str = ""                     # its flags to lower if the loss blows up
+    hint: tuple = ()                   # its flags to lower if the loss blows up
 
 
 def adapt(gpt, args, n_tasks):
@@ -207,7 +222,7 @@ def adapt(gpt, args, n_tasks):
         return Method(TaskModel(gpt), state=gpt.state_dict)
     if m == "lora":
         lora.add_lora(gpt, args.targets, **hp)
-        return Method(TaskModel(gpt), state=lambda: lora.lora_state_dict(gpt))
+        return Method(TaskModel(gpt), functools.partial(lora.lora_state_dict, gpt))
     if m == "multihead":                                              # HydraLoRA, or M-LoRA
         multihead_lora.add_multihead_lora(gpt, args.targets, n_heads=args.lora_heads,
                                           router=not args.no_router, init=args.init, **hp)
@@ -221,7 +236,7 @@ def adapt(gpt, args, n_tasks):
                 out["routing"] = multihead_lora.routing_table(w, b["task"], n_tasks,
                                                               b["idx"] != PAD)   # task x head
             return out
-        return Method(TaskModel(gpt), lambda: multihead_lora.multihead_state_dict(gpt),
+        return Method(TaskModel(gpt), functools.partial(multihead_lora.multihead_state_dict, gpt),
                       learned=learned)
     if m == "mtl":                                                    # reads the task ids
         mtl_lora.add_mtl_lora(gpt, 1 if args.shared_id else n_tasks, args.targets, n_up=args.n_up,
@@ -231,36 +246,47 @@ def adapt(gpt, args, n_tasks):
                 freeze_lambda(layer, args.task_transform)
             if args.n_up == 1:                # p_t = softmax of one logit = 1: w_t cannot learn
                 layer.lora_w.requires_grad_(False)
-        p_t = lambda b: {"mixing_weights": torch.stack(list(mtl_lora.mixing_weights(gpt)
-                                                             .values())).mean(0)}  # task x B_i
+
+        def mixing(b):                                                # p_t, task x B_i
+            p = mtl_lora.mixing_weights(gpt).values()                 # per layer
+            return {"mixing_weights": torch.stack(list(p)).mean(0)}
         return Method(TaskModel(gpt, task_aware=True, shared_id=args.shared_id),
-                      lambda: mtl_lora.mtl_state_dict(gpt), learned=p_t, hint=", --temperature")
+                      functools.partial(mtl_lora.mtl_state_dict, gpt), learned=mixing,
+                      hint=("--temperature",))
     if m == "align":                                                  # L_task + lambda L_align
         lora.add_lora(gpt, args.targets, **hp)
         align = align_lora.AlignmentLoss(gpt, n_tasks, kind=args.align_loss)   # hooks lora_A
-        extra = lambda step, b, logits, h: args.align_weight * align(b["task"], b["idx"] != PAD)
+
+        def extra(step, b, logits, h):
+            return args.align_weight * align(b["task"], b["idx"] != PAD)
 
         def final_align(b):                           # L_align after training, any weight (0 too)
             gpt.features(b["idx"])
             return {"alignment_loss": align(b["task"], b["idx"] != PAD)}
-        return Method(TaskModel(gpt), lambda: lora.lora_state_dict(gpt), extra, final_align,
-                      hint=", --align-weight")
-    lora.add_lora(gpt, args.targets, **hp)                            # spurious: MT-CRL on the
-    crl = spurious_reg.MTCRL(args.width, n_tasks, args.modules)       # final hidden state
+        return Method(TaskModel(gpt), functools.partial(lora.lora_state_dict, gpt), extra,
+                      final_align, hint=("--align-weight",))
+    if m == "spurious":                                               # MT-CRL on the final state
+        lora.add_lora(gpt, args.targets, **hp)
+        crl = spurious_reg.MTCRL(args.width, n_tasks, args.modules)
 
-    def extra(step, b, logits, h):
-        answer = b["targets"] != -100                                 # (B, T) answer tokens
-        tok = F.cross_entropy(logits.float().transpose(1, 2), b["targets"], reduction="none")
-        risk = tok.sum(1) / answer.sum(1)                             # (B,) per-sample risk
-        loss = args.decorr_weight * crl.decorrelation(h, answer) + args.sparsity_weight * \
-            crl.sparsity()
-        w = spurious_reg.warmup_weight(step, args.steps, args.invariance_weight,
-                                       args.invariance_warmup)
-        return loss + w * crl.invariance(risk, b["task"], b["env"]) if w > 0 else loss
-    state = lambda: lora.lora_state_dict(gpt) | {"crl.G": crl.G.detach()}
-    return Method(TaskModel(gpt, crl), state, extra, lambda b: {"graph": crl.gates()},  # task x K
-                  ", --invariance-weight, --decorr-weight")
+        def extra(step, b, logits, h):
+            answer = b["targets"] != -100                             # (B, T) answer tokens
+            tok = F.cross_entropy(logits.float().transpose(1, 2), b["targets"], reduction="none")
+            risk = tok.sum(1) / answer.sum(1)                         # (B,) per-sample risk
+            loss = args.decorr_weight * crl.decorrelation(h, answer)
+            loss = loss + args.sparsity_weight * crl.sparsity()
+            w = spurious_reg.warmup_weight(step, args.steps, args.invariance_weight,
+                                           args.invariance_warmup)
+            return loss + w * crl.invariance(risk, b["task"], b["env"]) if w > 0 else loss
 
+        def state():
+            return lora.lora_state_dict(gpt) | {"crl.G": crl.G.detach()}
+
+        def graph(b):                                                 # task x module gates
+            return {"graph": crl.gates()}
+        return Method(TaskModel(gpt, crl), state, extra, graph,
+                      ("--invariance-weight", "--decorr-weight"))
+    raise ValueError(f"unknown method {m!r}")
 
 
 def freeze_lambda(layer, kind):
@@ -297,7 +323,8 @@ def train(model, batches, steps, lr, warmup, extra=None, bf16=False, start=None,
     if not params:                                                    # --method none
         return [], 0.0
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, betas=(0.9, 0.98))
-    device, step0, losses = params[0].device.type, 0, []
+    device = params[0].device.type
+    step0, losses = 0, []
     if start is not None:                   # the trainable weights, the optimizer, the RNG
         model.load_state_dict(start["trainable"], strict=False)
         opt.load_state_dict(start["opt"])
@@ -330,9 +357,9 @@ def train(model, batches, steps, lr, warmup, extra=None, bf16=False, start=None,
                 raise FloatingPointError(f"the loss became {losses[-1][1]} by step {step + 1}")
         if checkpoint and every and (step + 1) % every == 0 and step + 1 < steps:
             trained = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+            cuda_rng = torch.cuda.get_rng_state() if device == "cuda" else None
             checkpoint(dict(step=step + 1, trainable=trained, opt=opt.state_dict(), losses=losses,
-                            rng=torch.get_rng_state(), cuda_rng=torch.cuda.get_rng_state()
-                            if device == "cuda" else None))
+                            rng=torch.get_rng_state(), cuda_rng=cuda_rng))
     model.eval()
     return losses, (steps - step0) / max(time.perf_counter() - t0, 1e-9)
 
@@ -347,8 +374,8 @@ def evaluate(model, splits, tasks):
     for split, b in splits.items():
         right = []
         for i in range(0, len(b["idx"]), 2048):                       # in chunks: bounded memory
-            pred, c = model(b["idx"][i:i + 2048], b["task"][i:i + 2048])[0].argmax(-1), \
-                b["clean"][i:i + 2048]
+            pred = model(b["idx"][i:i + 2048], b["task"][i:i + 2048])[0].argmax(-1)
+            c = b["clean"][i:i + 2048]
             right.append(((pred == c) | (c == -100)).all(1))
         right = torch.cat(right).float()                              # (n,) 1: all answer right
         n = torch.bincount(b["task"], minlength=len(tasks))
@@ -365,14 +392,16 @@ def report(acc, tasks):
     lines = [f"{'task':<12}" + "".join(f"{s:>8}" for s in acc)]
     for t in tasks + (["shortcut"] if "has7" in tasks else []):
         lines.append(f"{t:<12}" + "".join(f"{a[t]:>8.1%}" if t in a else f"{'-':>8}"
-                                          for s, a in acc.items()))
-    return "\n".join(lines + ["(against clean labels; shortcut: has7 read off the first digit)"]
-                     * ("has7" in tasks))
+                                          for a in acc.values()))
+    if "has7" in tasks:
+        lines.append("(against clean labels; shortcut: has7 read off the first digit)")
+    return "\n".join(lines)
 
 
 def examples(model, b, tasks):
     """Test samples: input, expected answer, the model's (every answer token its arg-max)."""
-    pred, lines = model(b["idx"], b["task"])[0].argmax(-1), ["examples (input -> answer, model):"]
+    pred = model(b["idx"], b["task"])[0].argmax(-1)
+    lines = ["examples (input -> answer, model):"]
     for i in b["task"].argsort(stable=True).tolist():
         keep = b["clean"][i] != -100                                  # the answer tokens
         want, got = b["clean"][i][keep].tolist(), pred[i][keep].tolist()
@@ -384,87 +413,96 @@ def examples(model, b, tasks):
 # ----------------------------------------------------------------------------- command line
 METHODS = ["none", "full", "lora", "multihead", "mtl", "align", "spurious"]
 TARGETS = ["q", "k", "v", "o", "up", "down"]
-OWN = {"adapters": ["rank", "alpha", "dropout", "targets"],        # the flags of some methods
-       "multihead": ["lora_heads", "no_router", "init"], "mtl": ["n_up", "temperature", "diagonal", "shared_id",
-                                                  "task_transform"],
-       "align": ["align_loss", "align_weight"], "spurious": ["modules", "decorr_weight",
-       "sparsity_weight", "invariance_weight", "invariance_warmup", "env_tasks", "env_source"]}
 BASE = dict(lr=3e-3, batch=256, warmup=50)                          # the base's pre-training
 
 
 def between(lo, hi, kind=float):                  # an argparse type: a number in [lo, hi]
     def number(text):
-        if not lo <= kind(text) <= hi:
+        value = kind(text) + 0                    # + 0: -0 is 0 (one folder for both)
+        if not lo <= value <= hi:
             raise argparse.ArgumentTypeError(f"must be in [{lo:g}, {hi:g}], got {text}")
-        return kind(text)
+        return value
     number.__name__ = kind.__name__
     return number
 
 
+def whole(lo, hi):                                # an argparse type: an integer in [lo, hi]
+    return between(lo, hi, int)
+
+
+GROUPS = {"": None, "adapters": "adapters (every method but none and full)",
+          "multihead": "multihead: HydraLoRA, or M-LoRA with --no-router",
+          "mtl": "mtl: MTL-LoRA", "align": "align: Align-LoRA",
+          "spurious": "spurious: MT-CRL (suite default, where has7 has environments)",
+          "model": "model, base and data", "running": "running"}
+FLAGS = [   # (group, flag, default, a type or the choices, help); a method's group is its own
+    ("", "--method", "lora", METHODS, "none: the base as is; full: all weights"),
+    ("", "--suite", "default", ["default", "interference", "related"], "the tasks"),
+    ("", "--tasks", None, str, "train some tasks of the suite alone, e.g. inc: each step keeps "
+     "their samples of the suite's batch (the same samples as in the multi-task run)"),
+    ("", "--steps", 1000, whole(1, 1e7), "adaptation steps"),
+    ("", "--batch", 256, whole(1, 1e6), "samples per step (all processes together)"),
+    ("", "--lr", None, between(1e-7, 1), "peak learning rate (default 3e-3; full: 1e-3)"),
+    ("", "--warmup", None, whole(0, 1e7), "linear warm-up steps, then cosine decay to 10%% "
+     "(default min(50, steps / 10))"),
+    ("", "--train-samples", None, str, "a finite training set: N samples per task, or per "
+     "task, e.g. 2000,inc=64 (inc 64, the others 2000); default: a fresh batch every step"),
+    ("adapters", "--rank", 8, whole(1, 4096), "adapter rank r (multihead: of each head)"),
+    ("adapters", "--alpha", None, between(1e-6, 1e6), "scaling s = alpha / r (default 2r); "
+     "as called alone, lora.py takes r=8, alpha=16, multihead_lora.py the authors' r=4, alpha=32"),
+    ("adapters", "--dropout", None, between(0, 0.99), "adapter dropout (default 0; M-LoRA 0.05)"),
+    ("adapters", "--targets", "q,k,v,o,up,down", str, "layers: q k v o (attention) up down (MLP)"),
+    ("multihead", "--lora-heads", 3, whole(1, 64), "adapter heads B_i (N)"),
+    ("multihead", "--no-router", False, bool, "M-LoRA: the mean of the heads, no router"),
+    ("multihead", "--init", "zero", ["zero", "offset"], "M-LoRA's heads: zero, or random with "
+     "the start subtracted (the Align-LoRA authors')"),
+    ("mtl", "--n-up", 3, whole(1, 64), "shared up-projections B_i (n)"),
+    ("mtl", "--temperature", 0.1, between(1e-3, 1e3), "tau of p_t = softmax(w_t / tau)"),
+    ("mtl", "--diagonal", False, bool, "diagonal task transforms Lam_t"),
+    ("mtl", "--shared-id", False, bool, "every sample gets task id 0 (the control for ids)"),
+    ("mtl", "--task-transform", "learned", ["learned", "identity", "split"], "Lam_t learned, "
+     "or frozen: at I, or split: task t keeps its r/T rows of A (with --n-up 1: T LoRAs of "
+     "rank r/T, HydraLoRA's LoRA-Split)"),
+    ("align", "--align-loss", "kl", ["kl", "mmd"], "the alignment loss"),
+    ("align", "--align-weight", 0.2, between(0, 1e4), "lambda of L_task + lambda L_align"),
+    ("spurious", "--modules", 4, whole(1, 4096), "modules K: chunks of the final state"),
+    ("spurious", "--decorr-weight", 0.01, between(0, 1e4), "weight of the decorrelation loss"),
+    ("spurious", "--sparsity-weight", 0.01, between(0, 1e4), "weight of the graph's L1"),
+    ("spurious", "--invariance-weight", 10.0, between(0, 1e4), "weight of the IRMv1 penalty"),
+    ("spurious", "--invariance-warmup", 0.3, between(0, 1), "share of the steps before it"),
+    ("spurious", "--env-tasks", "has7", ["has7", "all"], "the samples in environments: has7's, "
+     "or every task's (random ids for the others)"),
+    ("spurious", "--env-source", "annotated", ["annotated", "derived"], "has7's environment: "
+     "the data's (rho), or derived: first_ge5's label of the same input"),
+    ("model", "--width", 64, whole(1, 4096), "model width"),
+    ("model", "--layers", 3, whole(1, 64), "transformer blocks"),
+    ("model", "--attn-heads", 4, whole(1, 64), "attention heads"),
+    ("model", "--base-steps", 1500, whole(1, 1e7), "pre-training steps of the base"),
+    ("model", "--rho", "0.8,0.95", str, "has7's two training environments: how often the first "
+     "digit's feature agrees with its label (0.1 on the shifted test split)"),
+    ("running", "--seed", 0, whole(0, 2**31 - 1), "seed of the adapter init and the data"),
+    ("running", "--eval-samples", 1000, whole(1, 1e5), "evaluation samples per task, split"),
+    ("running", "--out", "out", str, "folder of the run folders"),
+    ("running", "--base", None, str, "the cached base model (default: <out>/base.pt)"),
+    ("running", "--device", "auto", ["auto", "cpu", "cuda"], "auto: cuda when present"),
+    ("running", "--autocast", "auto", ["auto", "bf16", "off"], "auto: bf16 on CUDA"),
+    ("running", "--compile", False, bool, "torch.compile the model's body"),
+    ("running", "--resume", False, bool, "continue this run, interrupted, from its ckpt.pt"),
+    ("running", "--ckpt-every", 250, whole(0, 1e7), "checkpoint every N steps (0: never)")]
+OWN = {g: [f[2:].replace("-", "_") for h, f, *_ in FLAGS if h == g] for g in METHODS + ["adapters"]}
+
+
 def parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Help)
-    a, i, f = p.add_argument, lambda lo, hi: between(lo, hi, int), between
-    a("--method", default="lora", choices=METHODS, help="none: the base as is; full: all weights")
-    a("--suite", default="default", choices=["default", "interference", "related"],
-      help="the tasks")
-    a("--tasks", help="train on these tasks of the suite alone, e.g. inc: each step keeps their "
-      "samples of the suite's batch, so each sees the same samples as in the multi-task run")
-    a("--steps", type=i(1, 1e7), default=1000, help="adaptation steps")
-    a("--batch", type=i(1, 1e6), default=256, help="samples per step (all processes together)")
-    a("--lr", type=f(1e-7, 1), help="peak learning rate (default 3e-3; full: 1e-3)")
-    a("--warmup", type=i(0, 1e7), help="linear warm-up steps, then cosine decay to 10%% (default "
-      "min(50, steps / 10))")
-    a("--train-samples", help="a finite training set: N samples per task, or per task, e.g. "
-      "2000,inc=64 (inc 64, the others 2000); default: a fresh batch every step")
-    a = p.add_argument_group("adapters (every method but none and full)").add_argument
-    a("--rank", type=i(1, 4096), default=8, help="adapter rank r (multihead: of each head)")
-    a("--alpha", type=f(1e-6, 1e6), help="scaling s = alpha / r (default 2r)")
-    a("--dropout", type=f(0, 0.99), help="adapter dropout (default 0; M-LoRA 0.05)")
-    a("--targets", default="q,k,v,o,up,down", help="layers: q k v o (attention) up down (MLP)")
-    a = p.add_argument_group("multihead: HydraLoRA, or M-LoRA with --no-router").add_argument
-    a("--lora-heads", type=i(1, 64), default=3, help="adapter heads B_i (N)")
-    a("--no-router", action="store_true", help="M-LoRA: the mean of the heads, no router")
-    a("--init", default="zero", choices=["zero", "offset"], help="M-LoRA's heads: zero, or random "
-      "with the start subtracted (the Align-LoRA authors')")
-    a = p.add_argument_group("mtl: MTL-LoRA").add_argument
-    a("--n-up", type=i(1, 64), default=3, help="shared up-projections B_i (n)")
-    a("--temperature", type=f(1e-3, 1e3), default=0.1, help="tau of p_t = softmax(w_t / tau)")
-    a("--diagonal", action="store_true", help="diagonal task transforms Lam_t")
-    a("--shared-id", action="store_true", help="every sample gets task id 0: one Lam and p_t "
-      "for all tasks (the control for task ids)")
-    a("--task-transform", default="learned", choices=["learned", "identity", "split"],
-      help="Lam_t learned, or frozen: at the identity, or split: task t keeps its r/T rows of A "
-      "(with --n-up 1: T LoRAs of rank r/T, HydraLoRA's LoRA-Split)")
-    a = p.add_argument_group("align: Align-LoRA").add_argument
-    a("--align-loss", default="kl", choices=["kl", "mmd"], help="the alignment loss")
-    a("--align-weight", type=f(0, 1e4), default=0.2, help="lambda of L_task + lambda L_align")
-    a = p.add_argument_group("spurious: MT-CRL").add_argument
-    a("--modules", type=i(1, 4096), default=4, help="modules K: chunks of the final state")
-    a("--decorr-weight", type=f(0, 1e4), default=0.01, help="weight of the decorrelation loss")
-    a("--sparsity-weight", type=f(0, 1e4), default=0.01, help="weight of the graph's L1")
-    a("--invariance-weight", type=f(0, 1e4), default=10.0, help="weight of the IRMv1 penalty")
-    a("--invariance-warmup", type=f(0, 1), default=0.3, help="share of the steps before it")
-    a("--env-tasks", default="has7", choices=["has7", "all"], help="the samples in environments: "
-      "has7's, or every task's (random ids for the others)")
-    a("--env-source", default="annotated", choices=["annotated", "derived"], help="has7's "
-      "environment: the data's (rho), or derived: first_ge5's label of the same input")
-    a = p.add_argument_group("model, base and data").add_argument
-    a("--width", type=i(1, 4096), default=64, help="model width")
-    a("--layers", type=i(1, 64), default=3, help="transformer blocks")
-    a("--attn-heads", type=i(1, 64), default=4, help="attention heads")
-    a("--base-steps", type=i(1, 1e7), default=1500, help="pre-training steps of the base")
-    a("--rho", default="0.8,0.95", help="has7's two training environments: how often the first "
-      "digit's feature agrees with its label (0.1 on the shifted test split)")
-    a = p.add_argument_group("running").add_argument
-    a("--seed", type=i(0, 2**31 - 1), default=0, help="seed of the adapter init and the data")
-    a("--eval-samples", type=i(1, 1e5), default=1000, help="evaluation samples per task, split")
-    a("--out", default="out", help="folder of the run folders")
-    a("--base", help="the cached base model (default: <out>/base.pt)")
-    a("--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: cuda when present")
-    a("--autocast", default="auto", choices=["auto", "bf16", "off"], help="auto: bf16 on CUDA")
-    a("--compile", action="store_true", help="torch.compile the model's body")
-    a("--resume", action="store_true", help="continue this run, interrupted, from its ckpt.pt")
-    a("--ckpt-every", type=i(0, 1e7), default=250, help="checkpoint every N steps (0: never)")
+    groups = {g: p.add_argument_group(title) if title else p for g, title in GROUPS.items()}
+    for group, flag, default, kind, text in FLAGS:
+        add = groups[group].add_argument
+        if kind is bool:
+            add(flag, action="store_true", help=text)
+        elif isinstance(kind, list):
+            add(flag, default=default, choices=kind, help=text)
+        else:
+            add(flag, default=default, type=kind, help=text)
     return p
 
 
@@ -477,17 +515,21 @@ def get_args(argv=None):
     """The command line, checked, with canonical values; args.name names the run folder."""
     p = parser()
     args = p.parse_args(argv)
-    tasks, given = SUITES[args.suite], {k for k, v in vars(args).items() if v != p.get_default(k)}
-    own = OWN.get(args.method, [])
-    if args.method not in ("none", "full"):
-        own = own + OWN["adapters"]
+    tasks = SUITES[args.suite]
+    given = {k for k, v in vars(args).items() if v != p.get_default(k)}
+    own = OWN.get(args.method, []) + ([] if args.method in ("none", "full") else OWN["adapters"])
     alien = ["--" + k.replace("_", "-") for k in sum(OWN.values(), []) if k in given - set(own)]
+    args.tasks = listed(args.tasks, tasks, "--tasks", p.error)        # None or suite order
+    args.targets = listed(args.targets, TARGETS, "--targets", p.error)    # q,q,v is q,v
     for wrong, message in [
             (alien, f"{' '.join(alien)}: not a setting of --method {args.method}; drop it"),
             ((args.warmup or 0) > args.steps, "--warmup must be at most --steps"),
             (args.width % args.attn_heads, "--width must divide by --attn-heads"),
             (args.method == "spurious" and args.width % args.modules, "--modules must divide "
              "--width"),
+            (args.method == "spurious" and "has7" not in (args.tasks or tasks), "--method "
+             "spurious needs has7's environments (--suite default): without them its invariance "
+             f"penalty is 0; got --suite {args.suite}" + (" --tasks" if args.tasks else "")),
             (args.init == "offset" and not args.no_router, "--init offset needs --no-router"),
             (args.task_transform == "split" and (args.n_up != 1 or args.rank % len(tasks)),
              f"--task-transform split needs --n-up 1 and a --rank that divides by the "
@@ -499,23 +541,13 @@ def get_args(argv=None):
                                         or not args.base), "--base takes a file's path")]:
         if wrong:
             p.error(message)
-    targets = [t.strip() for t in args.targets.split(",")]
-    if set(targets) - set(TARGETS):
-        p.error(f"--targets takes some of {','.join(TARGETS)}, comma-separated: got {args.targets}")
-    args.targets = [t for t in TARGETS if t in targets]              # canonical: q,q,v is q,v
     try:
-        rho = [float(r) for r in args.rho.split(",")]
+        rho = [float(r) + 0 for r in args.rho.split(",")]
         assert len(rho) == 2 and all(0 <= r <= 1 for r in rho)
     except (ValueError, AssertionError):
         p.error(f"--rho takes two numbers in [0, 1], e.g. 0.8,0.95; got {args.rho}")
     args.rho = rho
-    args.train_samples = sizes(args.train_samples, tasks, p.error)
-    if args.tasks is not None:                                        # canonical: suite order
-        chosen = [t.strip() for t in args.tasks.split(",")]
-        if not chosen or set(chosen) - set(tasks):
-            p.error(f"--tasks takes tasks of the suite {args.suite}, comma-separated "
-                    f"({','.join(tasks)}); got {args.tasks}")
-        args.tasks = [t for t in tasks if t in chosen]
+    args.train_samples = parse_sizes(args.train_samples, tasks, p.error)
     auto = dict(lr=1e-3 if args.method == "full" else 3e-3, alpha=2.0 * args.rank,
                 warmup=min(50, args.steps // 10),
                 dropout=0.05 if args.method == "multihead" and args.no_router else 0.0,
@@ -528,36 +560,45 @@ def get_args(argv=None):
         args.autocast = auto["autocast"]
     default = vars(p.parse_args([])) | auto | dict(targets=TARGETS, rho=[0.8, 0.95])
     name = [args.suite, args.method + ("-norouter" if args.no_router else ""), f"seed{args.seed}"]
-    name += [flag_text(k, v) for k, v in settings(args).items()
+    name += [flag_text(k, v) for k, v in run_settings(args).items()
              if k not in ("method", "suite", "seed", "no_router", "processes") and v != default[k]]
     args.name = "-".join(name + ([f"procs{WORLD}"] if WORLD > 1 else []))
     args.base = args.base or os.path.join(args.out, "base.pt")
     return args
 
 
-def sizes(text, tasks, error):
+def listed(text, choices, flag, error):               # some of `choices`, in their order
+    if text is None:
+        return None
+    chosen = [t.strip() for t in text.split(",")]
+    if set(chosen) - set(choices):
+        error(f"{flag} takes some of {','.join(choices)}, comma-separated: got {text}")
+    return [t for t in choices if t in chosen]
+
+
+def parse_sizes(text, tasks, error):
     """--train-samples: None, N for every task, or a size per task and a bare N for the others;
     canonical: None, N, or a list in the suite's order."""
+    if text is None:
+        return None
     per = {}
-    for part in [] if text is None else text.split(","):
+    for part in text.split(","):
         t, _, n = part.strip().rpartition("=")
-        if not (n.isdigit() and 1 <= int(n) <= 10**6 and t in tasks + [""] and t not in per):
+        if not (n.isascii() and n.isdigit() and 1 <= int(n) <= 10**6 and t in tasks + [""]
+                and t not in per):
             error(f"--train-samples takes N or task=N, comma-separated (N in [1, 1e6]; tasks "
                   f"{', '.join(tasks)}), e.g. 2000,inc=64; got {text}")
         per[t] = int(n)
     out = [per.get(t, per.get("")) for t in tasks]
-    if text is None:
-        return None
     if None in out:
         error(f"--train-samples: no size for {[t for t, n in zip(tasks, out) if n is None]}")
     return out[0] if len(set(out)) == 1 else out
 
 
-def settings(args):
+def run_settings(args):
     """Every setting that changes what a run computes; the folder's name has the changed ones."""
-    keep = {k: v for k, v in vars(args).items() if k not in ("out", "base", "resume", "ckpt_every",
-                                                             "name")}
-    return keep | {"processes": WORLD}
+    skip = ("out", "base", "resume", "ckpt_every", "name")
+    return {k: v for k, v in vars(args).items() if k not in skip} | {"processes": WORLD}
 
 
 def flag_text(k, v):                                  # e.g. rank2, targetsq+v, diagonal
@@ -567,7 +608,49 @@ def flag_text(k, v):                                  # e.g. rank2, targetsq+v, 
         v = f"{v:g}"
     return k.replace("_", "-") + ("" if v is True else str(v))
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- run: the lesson
+
+
+def run(args):
+    """One run, as a learner reads it: checks, the base, adapt, train, evaluate, save. A finished
+    run is reported, never retrained; the bookkeeping is in the helpers below."""
+    tasks, t0 = SUITES[args.suite], time.time()
+    folder = os.path.join(args.out, args.name)
+    with claim(folder):                               # one process per run folder; tidy on exit
+        done = finished(folder, args)                 # its metrics, reported; or None
+        if done is not None:
+            return done
+        start = resume_point(folder, args)            # an interrupted run's checkpoint, or None
+        base = cached_base(args)                      # pre-trained and cached the first time
+
+        torch.manual_seed(args.seed)                                  # the adapters' init
+        gpt = GPT(model_config(args))
+        gpt.load_state_dict(base["state_dict"])
+        method = adapt(gpt, args, len(tasks))                         # one block per method
+        model = method.model.to(args.device)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_base = sum(v.numel() for v in base["state_dict"].values())
+        log(f"{args.name}: {n_train:,} trainable parameters ({n_train / n_base:.2%} of {n_base:,})")
+
+        data_set = finite_set(args, tasks)            # --train-samples; None: fresh every step
+        losses, speed = fit(model, method, args, data_set, start, folder)
+
+        acc = evaluate(model, eval_splits(args, tasks, data_set), tasks)
+        shown = args.tasks or tasks
+        log(report(acc, shown), examples(model, test_sample(args, tasks, 2), tasks), sep="\n")
+        learned = what_it_learned(method, test_sample(args, tasks, 200), shown)
+
+        metrics = dict(name=args.name, method=args.method, suite=args.suite, seed=args.seed,
+                       trainable=n_train, base_params=n_base, accuracy=acc, learned=learned,
+                       epochs=epochs(args, tasks), losses=losses,
+                       loss=losses[-1][1] if losses else None, steps_per_s=speed,
+                       total_s=time.time() - t0, settings=run_settings(args))
+        write_results(folder, method.state(), metrics)
+        log(f"wrote {folder}/: metrics.json, adapter.pt; {speed:.1f} steps/s, "
+            f"{time.time() - t0:.0f} s")
+        return metrics
+
+# ----------------------------------------------------------------------------- run's helpers
 
 
 def log(*a, **kw):
@@ -575,86 +658,184 @@ def log(*a, **kw):
         print(*a, **kw, flush=True)
 
 
-def save(path, obj):
-    """Written whole or not at all (a temporary file, flushed to disk, renamed), by process 0;
-    a failed write stops the run naming the file, and leaves no temporary file behind."""
-    folder = os.path.dirname(path) or "."
-    made = not os.path.isdir(folder)
-    if RANK == 0:
-        try:
-            os.makedirs(folder, exist_ok=True)
-            with open(path + ".tmp", "wb") as f:
-                if isinstance(obj, str):
-                    f.write(obj.encode())
-                else:
-                    torch.save(obj, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(path + ".tmp", path)
-        except (OSError, RuntimeError) as e:
-            if os.path.exists(path + ".tmp"):
-                os.remove(path + ".tmp")
-            if made and os.path.isdir(folder) and not os.listdir(folder):
-                os.rmdir(folder)
-            raise SystemExit(f"error: cannot write {path}: {e}")
+def model_config(args):
+    return GPTConfig(width=args.width, layers=args.layers, heads=args.attn_heads)
 
 
-def load(path, kind, settings, advice):
-    """A file train.py wrote (kind: "metrics", "checkpoint" or "base") of these settings, or one
-    line that names it and what differs."""
-    keys = {"metrics": ["accuracy"], "checkpoint": ["step", "trainable", "opt"],
-            "base": ["state_dict"]}[kind] + ["settings"]
+@contextlib.contextmanager
+def claim(folder):
+    """The run folder, made if new, locked while this process works in it: a second process on
+    the same run is refused at the start. The lock is flock's: the system releases it when the
+    process ends, killed or not, so a dead run's .lock never blocks. The holder removes what a
+    killed writer left (*.tmp); on the way out, folders this made and left empty go."""
+    new = [d for d in parents(folder) if not os.path.exists(d)]
+    lock = None
     try:
-        obj = json.load(open(path)) if kind == "metrics" else torch.load(path, "cpu",
-                                                                         weights_only=True)
-        assert isinstance(obj, dict) and set(keys) <= set(obj)
-        changed = {k: (obj["settings"].get(k), v) for k, v in json.loads(json.dumps(settings))
-                   .items() if obj["settings"].get(k) != v}
-    except Exception as e:
-        raise SystemExit(f"error: cannot read {path} as a {kind} file of train.py "
-                         f"({type(e).__name__})")
-    if changed:
-        raise SystemExit(f"error: {path} has other settings (there vs now: {changed}); {advice}")
-    return obj
-
-
-def writable(folder):
-    """Stop now, not after training, if nothing can be written in `folder`; make no folder."""
-    new, p = [], os.path.abspath(folder)
-    while not os.path.exists(p):
-        new, p = [p] + new, os.path.dirname(p)
-    try:
-        os.makedirs(folder, exist_ok=True)
-        open(os.path.join(folder, f".writable{RANK}"), "w").close()   # one per process: no race
-        os.remove(os.path.join(folder, f".writable{RANK}"))
-    except OSError as e:
-        raise SystemExit(f"error: cannot write in {folder}: {e}")
+        if RANK == 0:                                 # under torchrun, process 0 writes
+            try:
+                os.makedirs(folder, exist_ok=True)
+                lock = open(os.path.join(folder, ".lock"), "a")
+            except OSError as e:
+                raise SystemExit(f"error: cannot write in {folder}: {e}")
+            try:
+                if fcntl is not None:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                lock.close()
+                lock = None                           # another's: not ours to remove
+                raise SystemExit(f"error: another process is running {folder} now: let it "
+                                 "finish (its lock goes when it stops, even if killed)")
+            for stale in glob.glob(os.path.join(glob.escape(folder), "*.tmp")):
+                os.remove(stale)
+        yield
     finally:
+        if lock is not None:
+            os.remove(lock.name)
+            lock.close()
         for d in reversed(new):
             if os.path.isdir(d) and not os.listdir(d):
                 os.rmdir(d)
 
 
-def batches(args, tasks, seed, batch, data_set=None, sizes=None, chosen=None):
+def parents(folder):                                  # the folder and those above it, top first
+    p = os.path.abspath(folder)
+    return [p] if os.path.dirname(p) == p else parents(os.path.dirname(p)) + [p]
+
+
+def finished(folder, args):
+    """A finished run's metrics, after its report; None if the run has not finished."""
+    path = os.path.join(folder, "metrics.json")
+    if os.path.exists(path):
+        saved = load(path, "metrics", run_settings(args), "pass another --out")
+        log(f"{folder} holds this run, finished:\n" + report(saved["accuracy"],
+                                                             args.tasks or SUITES[args.suite]))
+        return saved
+
+
+def resume_point(folder, args):
+    """--resume: the run's own checkpoint, checked; None for a new run. An unfinished run is
+    never restarted silently, nor continued from another schedule's checkpoint."""
+    ckpt = os.path.join(folder, "ckpt.pt")
+    if os.path.exists(ckpt) and not args.resume:
+        raise SystemExit(f"error: {folder} holds an unfinished run: --resume continues it")
+    if args.resume and not os.path.exists(ckpt):
+        raise SystemExit(f"error: nothing to resume: {ckpt} does not exist; drop --resume")
+    return load(ckpt, "checkpoint", run_settings(args), "drop --resume") if args.resume else None
+
+
+def cached_base(args):
+    """The base, read from train.py's cache (its settings checked), or pre-trained on copy and
+    reverse (every weight trains) and cached for every run of these model settings."""
+    pretraining = dict(model=asdict(model_config(args)), tasks=SUITES["pretrain"],
+                       steps=args.base_steps) | BASE
+    if os.path.exists(args.base):                     # a cache of train.py's: may be deleted
+        return load(args.base, "base", pretraining, "pass another --base, or delete it to "
+                    "pre-train anew")
+    writable(os.path.dirname(args.base) or ".")
+    log(f"pre-training the base on {pretraining['tasks']}; it is cached in {args.base}")
+    torch.manual_seed(0)
+    model = TaskModel(GPT(model_config(args))).to(args.device)
+    if WORLD > 1:
+        torch.manual_seed(1_000_003 * RANK)                           # each process its dropout
+    train(model, stream(args, SUITES["pretrain"], 0, BASE["batch"]), args.base_steps,
+          BASE["lr"], BASE["warmup"], bf16=args.autocast == "bf16")
+    state = {k: v.cpu() for k, v in model.gpt.state_dict().items()}
+    save(args.base, dict(settings=pretraining, state_dict=state))
+    return dict(settings=pretraining, state_dict=state)
+
+
+def finite_set(args, tasks):
+    """--train-samples: the training set, drawn once per seed, max(sizes) x T samples of which
+    task t uses its first sizes[t]; None: a fresh batch every step."""
+    if args.train_samples is None:
+        return None
+    if args.method != "none":
+        log("a finite training set; epochs: " + ", ".join(f"{t} {e:.1f}" for t, e in
+                                                         epochs(args, tasks).items()))
+    return make_batch(tasks, max(sizes(args, tasks).tolist()) * len(tasks), data_seed(
+        "train-set", args.seed), L, args.rho, device=args.device, env_tasks=args.env_tasks,
+        env_source=args.env_source)
+
+
+def sizes(args, tasks):                               # (T,) training samples per task
+    return torch.tensor(args.train_samples).expand(len(tasks))
+
+
+def epochs(args, tasks):                              # samples of each task seen / its set's size
+    if args.train_samples is not None and args.method != "none":
+        seen = (args.steps * args.batch / len(tasks) / sizes(args, tasks)).tolist()
+        return {t: e for t, e in zip(tasks, seen) if t in (args.tasks or tasks)}
+
+
+def stream(args, tasks, seed, batch, data_set=None, chosen=None):
     """step -> that step's batch (each process its own): fresh, or from the finite data_set;
-    with `chosen` (--tasks), the samples of those tasks only (sample i is task i % T)."""
+    with `chosen` (--tasks), their samples only (sample i is task i % T: found once)."""
     n = batch // WORLD
     keep = None if chosen is None else torch.tensor(
         [i for i in range(n) if tasks[i % len(tasks)] in chosen], device=args.device)
 
-    def get(step):
+    def batch_at(step):
         s = data_seed("train", seed, step) + (RANK << 50)
         if data_set is not None:
-            b = draw(data_set, sizes, n, s)
+            b = draw(data_set, sizes(args, tasks), n, s)
         else:
             b = make_batch(tasks, n, s, L, args.rho, RHO_SHIFT, NOISE, False, args.device,
                            args.env_tasks, args.env_source)
         return b if keep is None else {k: v[keep] for k, v in b.items()}
-    return get
+    return batch_at
 
 
-def only(b, tasks, chosen):
-    """The samples of the chosen tasks (--tasks; None: all) in a batch."""
+def fit(model, method, args, data_set, start, folder):
+    """train() with the run's batches, schedule and checkpoints. A loss that blows up stops the
+    run naming the flags to lower, its checkpoint removed (resuming it would blow up again)."""
+    ckpt = os.path.join(folder, "ckpt.pt")
+    if WORLD > 1:
+        torch.manual_seed(args.seed + 1_000_003 * RANK)               # each process its dropout
+    if args.compile:               # the body only: MT-CRL's penalty differentiates head and graph
+        torch._dynamo.reset()      # twice; a fresh cache: dynamo's guards can miss align's hooks
+        model.gpt.features = torch.compile(model.gpt.features)
+
+    def checkpoint(state):
+        save(ckpt, state | dict(settings=run_settings(args)))
+    try:
+        return train(model, stream(args, SUITES[args.suite], args.seed, args.batch, data_set,
+                                   args.tasks), args.steps, args.lr, args.warmup,
+                     method.extra_loss, args.autocast == "bf16", start, checkpoint,
+                     args.ckpt_every)
+    except FloatingPointError as e:
+        if RANK == 0 and os.path.exists(ckpt):
+            os.remove(ckpt)
+        flags = ", ".join(["--lr", "--alpha", *method.hint])
+        raise SystemExit(f"error: {e} of {args.method}: lower {flags}, or raise --warmup")
+    finally:
+        if args.compile:
+            del model.gpt.features                    # evaluate eagerly: the hooks fire again
+
+
+def eval_splits(args, tasks, data_set):
+    """eval-samples per task of the training set (finite: its first of each task; unlimited: a
+    fresh draw), the validation and test draws and the shifted test draw (--tasks: theirs)."""
+    m, kw = args.eval_samples * len(tasks), dict(L=L, rho=args.rho, device=args.device)
+    splits = {"train": data_set}
+    if data_set is None:
+        splits["train"] = make_batch(tasks, m, data_seed("train-set", args.seed), **kw)
+    else:
+        j = torch.arange(len(data_set["idx"]), device=args.device) // len(tasks)  # j of its task
+        keep = j < sizes(args, tasks).clamp(max=args.eval_samples).to(args.device)[
+            data_set["task"]]
+        splits["train"] = {k: v[keep] for k, v in data_set.items()}
+    for split, seed, shifted in [("val", "val", 0), ("test", "test", 0), ("shift", "test", 1)]:
+        splits[split] = make_batch(tasks, m, data_seed(seed, 0), shifted=shifted, **kw)
+    return {k: only(b, tasks, args.tasks) for k, b in splits.items()}
+
+
+def test_sample(args, tasks, per_task):               # test samples of the tasks trained
+    b = make_batch(tasks, per_task * len(tasks), data_seed("test", 0), L, args.rho,
+                   device=args.device)
+    return only(b, tasks, args.tasks)
+
+
+def only(b, tasks, chosen):                           # the chosen tasks' samples (None: all)
     if chosen is None:
         return b
     keep = torch.isin(b["task"], torch.tensor([tasks.index(t) for t in chosen],
@@ -662,101 +843,12 @@ def only(b, tasks, chosen):
     return {k: v[keep] for k, v in b.items()}
 
 
-def run(args):
-    """One run: every check first; the base (pre-trained and cached the first time); adapt,
-    train, evaluate, write the run folder. A finished run is reported, never retrained."""
-    tasks, folder, t0 = SUITES[args.suite], os.path.join(args.out, args.name), time.time()
-    done, ckpt, now = os.path.join(folder, "metrics.json"), os.path.join(folder, "ckpt.pt"), \
-        settings(args)
-    config = GPTConfig(width=args.width, layers=args.layers, heads=args.attn_heads)
-    pretraining = dict(model=asdict(config), tasks=SUITES["pretrain"], steps=args.base_steps) | BASE
-    if os.path.exists(done):
-        saved = load(done, "metrics", now, "pass another --out")
-        log(f"{folder} holds this run, finished:\n" + report(saved["accuracy"],
-                                                             args.tasks or tasks))
-        return saved
-    if os.path.exists(ckpt) and not args.resume:
-        raise SystemExit(f"error: {folder} holds an unfinished run: --resume continues it")
-    if args.resume and not os.path.exists(ckpt):
-        raise SystemExit(f"error: nothing to resume: {ckpt} does not exist; drop --resume")
-    start = load(ckpt, "checkpoint", now, "drop --resume") if args.resume else None
-    base = None
-    if os.path.exists(args.base):                     # a cache of train.py's: may be deleted
-        base = load(args.base, "base", pretraining, "pass another --base, or delete it to "
-                    "pre-train anew")
-    try:                                              # the adapter settings, on a random base
-        n_train = sum(p.numel() for p in adapt(GPT(config), args, len(tasks)).model.parameters()
-                      if p.requires_grad)
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
-    writable(folder)
-    if base is None:                                                  # pre-train the base
-        writable(os.path.dirname(args.base) or ".")
-        log(f"pre-training the base on {pretraining['tasks']}; it is cached in {args.base}")
-        torch.manual_seed(0)
-        model = TaskModel(GPT(config)).to(args.device)
-        if WORLD > 1:
-            torch.manual_seed(1_000_003 * RANK)                       # each process its dropout
-        train(model, batches(args, pretraining["tasks"], 0, BASE["batch"]), args.base_steps,
-              BASE["lr"], BASE["warmup"], bf16=args.autocast == "bf16")
-        base = dict(settings=pretraining, state_dict={k: v.cpu() for k, v in
-                                                      model.gpt.state_dict().items()})
-        save(args.base, base)
-    torch.manual_seed(args.seed)                                      # the adapters' init
-    gpt = GPT(config)
-    gpt.load_state_dict(base["state_dict"])
-    method = adapt(gpt, args, len(tasks))
-    model, n_base = method.model.to(args.device), sum(v.numel() for v in
-                                                      base["state_dict"].values())
-    log(f"{args.name}: {n_train:,} trainable parameters ({n_train / n_base:.2%} of {n_base:,})")
-    data_set, n, epochs, kw = None, None, None, dict(L=L, rho=args.rho, device=args.device)
-    if args.train_samples is not None:                                # a finite training set
-        n = torch.tensor(args.train_samples).expand(len(tasks))      # (T,) samples per task
-        data_set = make_batch(tasks, int(n.max()) * len(tasks), data_seed("train-set", args.seed),
-                              **kw, env_tasks=args.env_tasks, env_source=args.env_source)
-        epochs = {t: e for t, e in zip(tasks, (args.steps * args.batch / len(tasks) / n).tolist())
-                  if t in (args.tasks or tasks)}
-        log("a finite training set; epochs: " + ", ".join(f"{t} {e:.1f}" for t, e in
-                                                         epochs.items()))
-    if WORLD > 1:
-        torch.manual_seed(args.seed + 1_000_003 * RANK)               # each process its dropout
-    if args.compile:               # the body only: MT-CRL's penalty differentiates head and graph
-        torch._dynamo.reset()      # twice; a fresh cache: dynamo's guards can miss align's hooks
-        model.gpt.features = torch.compile(model.gpt.features)
-    try:
-        losses, speed = train(model, batches(args, tasks, args.seed, args.batch, data_set, n,
-                                             args.tasks),
-                              args.steps, args.lr, args.warmup, method.extra_loss,
-                              args.autocast == "bf16",
-                              start, lambda state: save(ckpt, state | dict(settings=now)),
-                              args.ckpt_every)
-    except FloatingPointError as e:
-        if RANK == 0 and os.path.exists(ckpt):                        # it would fail again
-            os.remove(ckpt)
-            if not os.listdir(folder):
-                os.rmdir(folder)
-        raise SystemExit(f"error: {e} of {args.method}: lower --lr or --alpha{method.hint}, "
-                         "or raise --warmup")
-    if args.compile:
-        del model.gpt.features                        # evaluate eagerly: the hooks fire again
-    m = args.eval_samples * len(tasks)
-    splits = {"train": make_batch(tasks, m, data_seed("train-set", args.seed), **kw)}
-    if data_set is not None:              # the finite set's first eval-samples of each task
-        j = torch.arange(len(data_set["idx"]), device=args.device) // len(tasks)  # j of its task
-        keep = j < n.clamp(max=args.eval_samples).to(args.device)[data_set["task"]]
-        splits["train"] = {k: v[keep] for k, v in data_set.items()}
-    for split, seed, shifted in [("val", "val", 0), ("test", "test", 0), ("shift", "test", 1)]:
-        splits[split] = make_batch(tasks, m, data_seed(seed, 0), shifted=shifted, **kw)
-    splits = {k: only(b, tasks, args.tasks) for k, b in splits.items()}
-    acc = evaluate(model, splits, tasks)
-    log(report(acc, args.tasks or tasks), examples(model, only(make_batch(tasks, 2 * len(tasks), data_seed(
-        "test", 0), **kw), tasks, args.tasks), tasks), sep="\n")
-    learned = {}
-    if method.learned is not None:                    # what its task-specific parts learned
-        with torch.no_grad():
-            learned = method.learned(only(make_batch(tasks, 200 * len(tasks), data_seed("test", 0),
-                                                     **kw), tasks, args.tasks))
-    for k, v in learned.items():                      # per layer, or task x head / B_i / module
+@torch.no_grad()
+def what_it_learned(method, b, tasks):
+    """What a method's task-specific parts learned (per layer, or task x head / B_i / module)
+    and what it monitors (L_align), logged, in plain numbers for metrics.json."""
+    learned = {} if method.learned is None else method.learned(b)
+    for k, v in learned.items():
         if isinstance(v, dict):
             log(f"{k} per layer: " + ", ".join(f"{x:.3f}" for x in v.values() if x is not None))
         elif v.dim() == 0:                            # one value, e.g. L_align
@@ -766,26 +858,73 @@ def run(args):
             learned[k] = v.tolist()
             log(f"{k}, task x column:\n" + "\n".join(f"  {t:<12}" + "".join(
                 f"{x:8.3f}" for x in row) for t, row in zip(tasks, learned[k])))
-    metrics = dict(name=args.name, method=args.method, suite=args.suite, seed=args.seed,
-                   trainable=n_train, base_params=n_base, accuracy=acc, learned=learned,
-                   epochs=epochs, losses=losses, loss=losses[-1][1] if losses else None,
-                   steps_per_s=speed, total_s=time.time() - t0, settings=now)
+    return learned
+
+
+def write_results(folder, state, metrics):
+    """adapter.pt, then metrics.json (a finished run has both): if one cannot be written,
+    neither is left. Then the checkpoint goes."""
+    adapter = os.path.join(folder, "adapter.pt")
     try:
-        save(os.path.join(folder, "adapter.pt"), method.state())
-        save(done, json.dumps(metrics, indent=1))
-    except SystemExit:                                # no half-written result left behind
-        if RANK == 0 and os.path.exists(os.path.join(folder, "adapter.pt")):
-            os.remove(os.path.join(folder, "adapter.pt"))
-            if not os.listdir(folder):
-                os.rmdir(folder)
+        save(adapter, state)
+        save(os.path.join(folder, "metrics.json"), json.dumps(metrics, indent=1))
+    except SystemExit:
+        if RANK == 0 and os.path.exists(adapter):
+            os.remove(adapter)
         raise
-    if RANK == 0 and os.path.exists(ckpt):
-        os.remove(ckpt)
-    log(f"wrote {folder}/: metrics.json, adapter.pt; {speed:.1f} steps/s, {time.time() - t0:.0f} s")
-    return metrics
+    if RANK == 0 and os.path.exists(os.path.join(folder, "ckpt.pt")):
+        os.remove(os.path.join(folder, "ckpt.pt"))
 
 
-if __name__ == "__main__":
+def save(path, obj):
+    """Written whole or not at all (this process's temporary file, flushed to disk, renamed), by
+    process 0; a failed write stops the run naming the file, and leaves no temporary file."""
+    if RANK != 0:
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"                 # its own: two writers never share one
+    try:
+        with open(tmp, "wb") as f:
+            f.write(obj.encode()) if isinstance(obj, str) else torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(f"error: cannot write {path}: {e}")
+
+
+def load(path, kind, expected, advice):
+    """A file train.py wrote (kind: "metrics", "checkpoint" or "base") with the `expected`
+    settings, or one line that names it and what differs."""
+    need = {"metrics": ["accuracy"], "checkpoint": ["trainable", "opt"], "base": ["state_dict"]}
+    try:
+        obj = json.load(open(path)) if kind == "metrics" else torch.load(path, "cpu",
+                                                                         weights_only=True)
+        parts = [obj[k] for k in need[kind] + ["settings"]] + list(obj.get("accuracy", {}).values())
+        if not all(isinstance(x, dict) for x in parts):       # e.g. an accuracy of null
+            raise ValueError("not one")
+        changed = {k: (obj["settings"].get(k), v) for k, v in json.loads(json.dumps(expected))
+                   .items() if obj["settings"].get(k) != v}
+    except Exception as e:
+        raise SystemExit(f"error: cannot read {path} as a {kind} file of train.py "
+                         f"({type(e).__name__})")
+    if changed:
+        raise SystemExit(f"error: {path} has other settings (there vs now: {changed}); {advice}")
+    return obj
+
+
+def writable(folder):                                 # before pre-training, not after
+    probe = os.path.join(folder, f".writable{RANK}")  # one per process: no race
+    try:
+        os.makedirs(folder, exist_ok=True)
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise SystemExit(f"error: cannot write in {folder}: {e}")
+
+
+def main():
     args = get_args()
     if WORLD > 1:                                     # launched by torchrun: one process per rank
         torch.distributed.init_process_group("nccl" if args.device == "cuda" else "gloo")
@@ -797,3 +936,7 @@ if __name__ == "__main__":
     finally:
         if WORLD > 1:
             torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
