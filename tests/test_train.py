@@ -412,7 +412,22 @@ def test_nonfinite_loss_stops_with_a_hint_naming_the_flags(out, monkeypatch, met
                                        ("--train-samples inc=64", r"no size for \['sort', 'first_ge5'"),
                                        ("--train-samples 64,nope=3", "--train-samples takes"),
                                        ("--train-samples 64,inc=3,inc=4", "--train-samples takes"),
-                                       ("--targets q,nope", "--targets takes")])
+                                       ("--targets q,nope", "--targets takes"),
+                                       ("--train-samples ²", "--train-samples takes"),
+                                       ("--train-samples 64,inc=٣", "--train-samples takes"),
+                                       ("--method spurious --suite interference",
+                                        "spurious needs has7's environments"),
+                                       ("--method spurious --env-source derived --suite related",
+                                        "spurious needs has7's environments"),
+                                       ("--method spurious --tasks inc",
+                                        "spurious needs has7's.*--tasks"),
+                                       ("--tasks nope", "--tasks takes some of sort,inc"),
+                                       ("--tasks ''", "--tasks takes"),
+                                       ("--method mtl --task-transform split --n-up 3",
+                                        "split needs --n-up 1"),
+                                       ("--method mtl --task-transform split --n-up 1 --rank 6",
+                                        "divides by the 4 tasks"),
+                                       ("--method lora --shared-id", "--shared-id: not a setting")])
 def test_bad_command_lines_are_rejected_naming_the_flag(argv, msg, capsys):
     with pytest.raises(SystemExit):
         train.get_args(argv.split())
@@ -487,3 +502,68 @@ def test_torchrun_two_processes_match_one(out):
     assert two["settings"]["processes"] == 2 and one["settings"]["processes"] == 1
     assert abs(two["loss"] - one["loss"]) < 0.25 * one["loss"], (one["loss"], two["loss"])
     assert abs(two["accuracy"]["test"]["inc"] - one["accuracy"]["test"]["inc"]) < 0.2
+
+
+# ----------------------------------------------------------------------------- corners
+
+
+def test_minus_zero_is_zero_one_folder_for_both():
+    a = train.get_args("--method align --align-weight 0".split())
+    b = train.get_args("--method align --align-weight -0".split())
+    assert a.name == b.name == "default-align-seed0-align-weight0" and str(b.align_weight) == "0.0"
+
+
+def test_a_second_process_on_the_same_run_is_refused_and_a_dead_ones_lock_does_not_block(out):
+    fcntl = pytest.importorskip("fcntl")
+    args = args_for(out, "--method lora --steps 4 --warmup 1 --seed 31")
+    os.makedirs(run_dir(args))
+    lock = open(os.path.join(run_dir(args), ".lock"), "a")
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)              # another process, running
+    try:
+        with pytest.raises(SystemExit, match="another process is running .* now"):
+            train.run(args)
+        assert os.path.exists(lock.name)                            # its lock is left alone
+    finally:
+        lock.close()                                                # the process ends (or dies)
+    m = train.run(args)                                             # its .lock blocks nothing
+    assert m["name"] == args.name and files(run_dir(args)) == ["adapter.pt", "metrics.json"]
+
+
+def test_two_identical_runs_at_once_one_trains_the_other_is_refused(out):
+    train.run(args_for(out, "--method none"))                       # the base, cached first
+    argv = [sys.executable, "train.py", *TINY.split(), "--out", out, "--method", "lora",
+            "--steps", "60", "--warmup", "5", "--seed", "32"]
+    procs = [subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+             for _ in range(2)]
+    results = [(p.wait(timeout=600), p.stderr.read()) for p in procs]
+    assert sorted(rc for rc, _ in results) == [0, 1], results
+    refused = [err for rc, err in results if rc == 1][0]
+    assert "another process is running" in refused or "holds this run" in refused, refused
+    folder = run_dir(train.get_args(argv[2:]))
+    assert files(folder) == ["adapter.pt", "metrics.json"]
+
+
+def test_a_killed_writers_temporary_file_is_removed_by_the_next_run(out):
+    args = args_for(out, "--method lora --steps 4 --warmup 1 --seed 33")
+    os.makedirs(run_dir(args))
+    stale = os.path.join(run_dir(args), "ckpt.pt.12345.tmp")         # a kill -9 mid-write
+    open(stale, "wb").write(b"half a checkpoint")
+    train.run(args)
+    assert files(run_dir(args)) == ["adapter.pt", "metrics.json"]
+
+
+@pytest.mark.parametrize("metrics", ['{"accuracy": null, "settings": {}}',
+                                     '{"accuracy": {"test": null}, "settings": {}}'])
+def test_a_metrics_file_with_a_null_accuracy_is_one_line(out, metrics):
+    args = args_for(out, "--method none --seed 34")
+    os.makedirs(run_dir(args), exist_ok=True)
+    open(os.path.join(run_dir(args), "metrics.json"), "w").write(metrics)
+    with pytest.raises(SystemExit, match="cannot read .*metrics.json as a metrics file"):
+        train.run(args)
+    assert files(run_dir(args)) == ["metrics.json"]                  # kept, untouched
+
+
+def test_method_none_on_a_finite_set_reports_no_epochs(out, capsys):
+    m = train.run(args_for(out, "--method none --train-samples 64"))
+    assert m["epochs"] is None and "epochs" not in capsys.readouterr().out
