@@ -667,11 +667,13 @@ def claim(folder):
     """The run folder, made if new, locked while this process works in it: a second process on
     the same run is refused at the start. The lock is flock's: the system releases it when the
     process ends, killed or not, so a dead run's .lock never blocks. The holder removes what a
-    killed writer left (*.tmp); on the way out, folders this made and left empty go."""
+    killed writer left (*.tmp); on the way out, folders this made and left empty go. A finished
+    run's folder is only read (it may be read-only): no lock."""
     new = [d for d in parents(folder) if not os.path.exists(d)]
     lock = None
     try:
-        if RANK == 0:                                 # under torchrun, process 0 writes
+        done = os.path.exists(os.path.join(folder, "metrics.json"))
+        if RANK == 0 and not done:                    # process 0 writes (under torchrun)
             try:
                 os.makedirs(folder, exist_ok=True)
                 lock = open(os.path.join(folder, ".lock"), "a")

@@ -567,3 +567,15 @@ def test_a_metrics_file_with_a_null_accuracy_is_one_line(out, metrics):
 def test_method_none_on_a_finite_set_reports_no_epochs(out, capsys):
     m = train.run(args_for(out, "--method none --train-samples 64"))
     assert m["epochs"] is None and "epochs" not in capsys.readouterr().out
+
+
+def test_a_finished_run_in_a_read_only_folder_is_still_reported(out, capsys):
+    args = args_for(out, "--method none --seed 35")
+    first = train.run(args)
+    os.chmod(run_dir(args), 0o500)
+    try:
+        if os.access(run_dir(args), os.W_OK):
+            pytest.skip("running as root: a read-only folder is still writable")
+        assert train.run(args) == first and "holds this run, finished" in capsys.readouterr().out
+    finally:
+        os.chmod(run_dir(args), 0o700)
