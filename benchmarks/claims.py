@@ -55,7 +55,8 @@ RUNS = {   # label -> (suite, train.py flags); interference runs at rank 2 (capa
     "i lora r6": (I, ["--method", "lora", "--rank", "6"]),
     "i hydra": (I, ["--method", "multihead", "--rank", "2"]),
     "i mlora": (I, ["--method", "multihead", "--no-router", "--rank", "2"]),
-    "i mlora offset": (I, ["--method", "multihead", "--no-router", "--init", "offset", "--rank", "2"]),
+    "i mlora offset": (I, ["--method", "multihead", "--no-router", "--init", "offset",
+                           "--rank", "2"]),
     "i mtl": (I, ["--method", "mtl", "--rank", "2"]),
     "i mtl tau 0.5": (I, ["--method", "mtl", "--rank", "2", "--temperature", "0.5"]),
     "i align": (I, ["--method", "align", "--rank", "2"]),
@@ -70,8 +71,8 @@ FINITE = {   # label -> (suite, flags): the finite regime
         ("align mmd", ["--method", "align", "--align-loss", "mmd"])]},
     f"align mmd l0.02 n{MID}": (D, ["--method", "align", "--align-loss", "mmd", "--align-weight",
                                     "0.02", "--train-samples", str(MID)]),
-    **{f"i {kind} n{MID}": (I, flags + ["--rank", "2", "--train-samples", str(MID)]) for kind, flags in [
-        ("lora r2", ["--method", "lora"]), ("align", ["--method", "align"])]},
+    **{f"i {kind} n{MID}": (I, flags + ["--rank", "2", "--train-samples", str(MID)])
+       for kind, flags in [("lora r2", ["--method", "lora"]), ("align", ["--method", "align"])]},
     **{f"{kind} n{MID}": (D, flags + ["--train-samples", str(MID)]) for kind, flags in [
         ("hydra", ["--method", "multihead"]), ("mlora", ["--method", "multihead", "--no-router"]),
         ("mtl", ["--method", "mtl"]), ("lora r16", ["--method", "lora", "--rank", "16"])]},
@@ -107,7 +108,8 @@ def align_value(m):                  # L_align after training (KL unless the run
 
 def gap(m):                          # training-set minus test accuracy, mean over the tasks
     tasks = train.SUITES[m["suite"]]
-    return sum(m["accuracy"]["train"][t] - m["accuracy"]["test"][t] for t in tasks) / len(tasks) * 100
+    acc = m["accuracy"]
+    return sum(acc["train"][t] - acc["test"][t] for t in tasks) / len(tasks) * 100
 
 
 def head_sim(m):                     # median over layers of the mean pairwise cosine of the heads
@@ -119,44 +121,62 @@ METRIC = {avg: "mean test accuracy over the tasks, %", shifted_b: "has7 shifted,
           gap: "training-set minus test accuracy, mean over the tasks, points"}
 low_task = acc_of(LOW)
 
-CLAIMS = [   # (paper, claim, our setting, metric, a, b or a threshold); "~b": a is competitive with b
+CLAIMS = [   # (paper, claim, our setting, metric, a, b or a threshold); "~b": a is competitive
+            # with b; a tuple b: the best of these on validation
             # the unlimited regime: a fresh batch every step
-    ("MTL-LoRA", "beats LoRA under task interference at about the same parameter count (tau 0.1, the authors')",
+    ("MTL-LoRA", "beats LoRA under task interference at about the same parameter count "
+     "(tau 0.1, the authors')",
      "interference, r=2 (14.5k) vs LoRA r=4 (13.8k)", avg, "i mtl", "i lora r4"),
     ("MTL-LoRA", "the same with our earlier tau 0.5",
      "interference, r=2 (14.5k) vs LoRA r=4 (13.8k)", avg, "i mtl tau 0.5", "i lora r4"),
     ("MTL-LoRA", "beats LoRA at the same rank", "interference, r=2", avg, "i mtl", "i lora r2"),
     ("HydraLoRA", "beats LoRA at the same rank", "interference, r=2", avg, "i hydra", "i lora r2"),
-    ("HydraLoRA", "beats LoRA at the same parameter count", "interference, r=2 (19.0k) vs LoRA r=6 (20.7k)",
+    ("HydraLoRA", "beats LoRA at the same parameter count",
+     "interference, r=2 (19.0k) vs LoRA r=6 (20.7k)",
      avg, "i hydra", "i lora r6"),
     ("HydraLoRA", "beats LoRA at the same rank", "default, r=8", avg, "hydra", "lora"),
     ("Align-LoRA", "M-LoRA's heads end up highly similar (median cosine > 0.85), zero init",
      "interference, r=2", head_sim, "i mlora", 0.85),
-    ("Align-LoRA", "the same with the paper's offset init", "interference, r=2", head_sim, "i mlora offset", 0.85),
-    ("Align-LoRA", "the same with the paper's offset init", "default, r=8", head_sim, "mlora offset", 0.85),
-    ("Align-LoRA", "M-LoRA beats the routed HydraLoRA, zero init", "interference, r=2", avg, "i mlora", "i hydra"),
+    ("Align-LoRA", "the same with the paper's offset init", "interference, r=2", head_sim,
+     "i mlora offset", 0.85),
+    ("Align-LoRA", "the same with the paper's offset init", "default, r=8", head_sim,
+     "mlora offset", 0.85),
+    ("Align-LoRA", "M-LoRA beats the routed HydraLoRA, zero init", "interference, r=2", avg,
+     "i mlora", "i hydra"),
     ("Align-LoRA", "M-LoRA beats the routed HydraLoRA, offset init", "interference, r=2", avg,
      "i mlora offset", "i hydra"),
-    ("Align-LoRA", "M-LoRA beats the routed HydraLoRA, offset init", "default, r=8", avg, "mlora offset", "hydra"),
-    ("Align-LoRA", "one LoRA of higher rank is competitive with multi-head LoRA at equal parameters "
-     "(LoRA r=4 vs M-LoRA)", "interference, 13.8k each", avg, "i lora r4", "~i mlora offset"),
-    ("Align-LoRA", "the same, LoRA r=6 vs HydraLoRA", "interference, 20.7k vs 19.0k", avg, "i lora r6", "~i hydra"),
-    ("Align-LoRA", "the same, LoRA r=24 vs HydraLoRA", "default, 82.9k vs 60.5k", avg, "lora r24", "~hydra"),
+    ("Align-LoRA", "M-LoRA beats the routed HydraLoRA, offset init", "default, r=8", avg,
+     "mlora offset", "hydra"),
+    ("Align-LoRA", "one LoRA of higher rank is competitive with multi-head LoRA at equal "
+     "parameters (LoRA r=4 vs M-LoRA)", "interference, 13.8k each", avg, "i lora r4",
+     "~i mlora offset"),
+    ("Align-LoRA", "the same, LoRA r=6 vs HydraLoRA", "interference, 20.7k vs 19.0k", avg,
+     "i lora r6", "~i hydra"),
+    ("Align-LoRA", "the same, LoRA r=24 vs HydraLoRA", "default, 82.9k vs 60.5k", avg, "lora r24",
+     "~hydra"),
     ("Align-LoRA", "beats LoRA at the same rank (KL)", "default, r=8", avg, "align", "lora"),
     ("Align-LoRA", "beats LoRA at the same rank (MMD)", "default, r=8", avg, "align mmd", "lora"),
-    ("Align-LoRA", "beats LoRA at the same rank (KL)", "interference, r=2", avg, "i align", "i lora r2"),
-    ("Align-LoRA", "beats LoRA at the same rank (MMD)", "interference, r=2", avg, "i align mmd", "i lora r2"),
-    ("MT-CRL", "raises task B's (has7's) shifted accuracy over plain multi-task LoRA", "default, r=8",
+    ("Align-LoRA", "beats LoRA at the same rank (KL)", "interference, r=2", avg, "i align",
+     "i lora r2"),
+    ("Align-LoRA", "beats LoRA at the same rank (MMD)", "interference, r=2", avg, "i align mmd",
+     "i lora r2"),
+    ("MT-CRL", "raises task B's (has7's) shifted accuracy over plain multi-task LoRA",
+     "default, r=8",
      shifted_b, "spurious", "lora"),
     ("MT-CRL", "ablation: one module (IRMv1 through a gate) also does", "default", shifted_b,
      "spurious K=1", "lora"),
-    ("MT-CRL", "ablation: its modules and graph add to IRMv1 through a gate (K=4 vs K=1)", "default",
+    ("MT-CRL", "ablation: its modules and graph add to IRMv1 through a gate (K=4 vs K=1)",
+     "default",
      shifted_b, "spurious", "spurious K=1"),
-    ("MT-CRL", "ablation: without decorrelation it still does", "default", shifted_b, "spurious no decorr", "lora"),
-    ("MT-CRL", "ablation: without sparsity it still does", "default", shifted_b, "spurious no sparsity", "lora"),
-    ("MT-CRL", "ablation: with environments for every task (random ones for the others) it still does",
+    ("MT-CRL", "ablation: without decorrelation it still does", "default", shifted_b,
+     "spurious no decorr", "lora"),
+    ("MT-CRL", "ablation: without sparsity it still does", "default", shifted_b,
+     "spurious no sparsity", "lora"),
+    ("MT-CRL", "ablation: with environments for every task (random ones for the others) "
+     "it still does",
      "default", shifted_b, "spurious envs all", "lora"),
-    ("MT-CRL", "ours: environments for has7 only (-1, none, elsewhere) beat random ones for every task",
+    ("MT-CRL", "ours: environments for has7 only (-1, none, elsewhere) beat random ones for "
+     "every task",
      "default", shifted_b, "spurious", "spurious envs all"),
 ]
 CLAIMS_FINITE = [   # the same, on finite training sets (train.py --train-samples)
@@ -166,7 +186,8 @@ CLAIMS_FINITE = [   # the same, on finite training sets (train.py --train-sample
                                     ("KL", ", lambda 0.02", " l0.02", SIZES),
                                     ("MMD", ", lambda 0.2", " mmd", SIZES),
                                     ("MMD", ", lambda 0.02", " mmd l0.02", [MID])] for n in sizes],
-    ("Align-LoRA", "beats LoRA at the same rank (KL, lambda 0.2)", f"interference, r=2, {MID} per task",
+    ("Align-LoRA", "beats LoRA at the same rank (KL, lambda 0.2)",
+     f"interference, r=2, {MID} per task",
      avg, f"i align n{MID}", f"i lora r2 n{MID}"),
     ("Align-LoRA", "narrows the train-test gap (KL, lambda 0.2)", f"default, r=8, {MID} per task",
      gap, f"lora n{MID}", f"align n{MID}"),
@@ -211,9 +232,11 @@ CONTROLS = {
     **{f"align low w{w}": (D, ALIGN + ["--align-weight", w] + LOW_FLAGS, 3)
        for w in ["0", "0.002", "0.02", "2"]},
     **{f"r {k}{d}": (R, f + REL_FLAGS + df, n) for d, df in DROPOUTS for k, f, n in [
-        ("lora", LORA, 5), ("align", ALIGN, 5), ("align l0.02", ALIGN + ["--align-weight", "0.02"], 5),
+        ("lora", LORA, 5), ("align", ALIGN, 5),
+        ("align l0.02", ALIGN + ["--align-weight", "0.02"], 5),
         ("align mmd", MMD, 3), ("mtl", MTL, 5), ("hydra", HYDRA, 3)]},
-    **{f"r align w{w}": (R, ALIGN + ["--align-weight", w] + REL_FLAGS, 3) for w in ["0", "0.002", "2"]},
+    **{f"r align w{w}": (R, ALIGN + ["--align-weight", w] + REL_FLAGS, 3)
+       for w in ["0", "0.002", "2"]},
     **{f"r lora alone {t}": (R, LORA + ["--tasks", t] + REL_FLAGS, 5 if t == REL_LOW else 3)
        for t in train.SUITES[R]},
     **{f"{k} n4096": (D, f + ["--train-samples", "4096"], 3) for k, f in [
@@ -282,7 +305,7 @@ CLAIMS_CONTROLS = [
 def verdict(d, margin, competitive=False):
     mean = sum(d) / len(d)
     se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else math.inf
-    if competitive:                                    # a is not worse than b by more than the margin
+    if competitive:                           # a is not worse than b by more than the margin
         if mean - 2 * se > -margin:
             return "holds here"
         return "does not hold here" if mean + 2 * se < -margin else "cannot tell (spread too wide)"
@@ -295,24 +318,29 @@ def verdict(d, margin, competitive=False):
 
 def fmt(xs, digits=1):
     m = sum(xs) / len(xs)
-    return f"{m:.{digits}f} ± {statistics.stdev(xs):.{digits}f}" if len(xs) > 1 else f"{m:.{digits}f}"
+    if len(xs) == 1:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
 
 
 def claims_table(results, claims=CLAIMS):
-    lines = ["| paper | claim | our setting | measure | result (mean ± std over seeds) | verdict |",
+    lines = ["| paper | claim | our setting | measure | result (mean ± std over seeds) "
+             "| verdict |",
              "|---|---|---|---|---|---|"]
     for paper, claim, setting, metric, a, b in claims:
         xa, competitive = [metric(m) for m in results[a]], isinstance(b, str) and b.startswith("~")
         b = b.lstrip("~") if competitive else b
+        chosen = ""
         if isinstance(b, tuple):                  # LoRA at its best: the best mean on validation
+            chosen = f" (the best on validation of {' and '.join(b)})"
             b = max(b, key=lambda k: statistics.mean(metric(m, "val") for m in results[k]))
         if isinstance(b, float):
-            d, digits, margin = [x - b for x in xa], 3, 0.0
+            d, margin = [x - b for x in xa], 0.0
             result = f"{fmt(xa, 3)} (threshold {b})"
         else:
             xb = [metric(m) for m in results[b]]
-            d, digits, margin = [x - y for x, y in zip(xa, xb)], 1, 0.5
-            result = f"{a}: {fmt(xa)} vs {b}: {fmt(xb)}; difference {fmt(d)}"
+            d, margin = [x - y for x, y in zip(xa, xb)], 0.5
+            result = f"{a}: {fmt(xa)} vs {b}{chosen}: {fmt(xb)}; difference {fmt(d)}"
         lines.append(f"| {paper} | {claim} | {setting} | {METRIC[metric]} | {result} "
                      f"| {verdict(d, margin, competitive)} |")
     return "\n".join(lines)
@@ -320,8 +348,8 @@ def claims_table(results, claims=CLAIMS):
 
 def sweep_table(results):
     """Align-LoRA's weight against accuracy and the alignment loss left after training."""
-    lines = ["| suite | lambda | mean test accuracy, % | low-resource task, % | final L_align (KL) |"
-             " seeds |", "|---|---|---|---|---|---|"]
+    lines = ["| suite | lambda | mean test accuracy, % | low-resource task, % "
+             "| final L_align (KL) | seeds |", "|---|---|---|---|---|---|"]
     for suite, by_weight in SWEEPS.items():
         for w, label in by_weight.items():
             rs, low = results[label], acc_of(REL_LOW if label.startswith("r ") else LOW)
@@ -360,7 +388,8 @@ def prerun(todo, jobs):
 
     def one(item):
         what, argv = item
-        res = subprocess.run([sys.executable, TRAIN] + argv, env=env, capture_output=True, text=True)
+        res = subprocess.run([sys.executable, TRAIN] + argv, env=env, capture_output=True,
+                             text=True)
         if res.returncode:
             raise SystemExit(f"{what} failed:\n{res.stderr[-2000:]}")
         print(f"done: {what} ({(time.perf_counter() - t0) / 60:.1f} min so far)", flush=True)
@@ -369,7 +398,8 @@ def prerun(todo, jobs):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--regime", default="all", choices=["all", "unlimited", "finite", "controls"])
     p.add_argument("--seeds", type=compare.positive, help="seeds per setting (default: 3; the "
                    "controls' low-resource and related-suite settings 5)")

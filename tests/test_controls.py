@@ -192,7 +192,8 @@ def test_the_best_lora_is_chosen_on_validation_never_on_test():
                "lora low d0.1": [fake("lora low d0.1", i, val=0.55, test=0.90) for i in range(3)]}
     row = ("MTL-LoRA", "claim", "setting", claims.low_task, "mtl low", claims.BEST["default"])
     line = claims.claims_table(results, [row]).splitlines()[2]
-    assert "vs lora low: 51.0" in line and "holds here" in line       # dropout 0: best on val
+    assert "vs lora low (the best on validation of lora low and lora low d0.1): 51.0" in line
+    assert "holds here" in line                                       # dropout 0: best on val
 
 
 def test_the_plan_counts_its_runs_and_their_time(tmp_path):
