@@ -41,8 +41,8 @@ class MTLLoRALinear(nn.Module):
                  diagonal: bool = False, fp32_adapter: bool = True):
         super().__init__()
         _check_hparams(base, n_tasks, r, n_up, alpha, tau, dropout)
-        self.base = base.requires_grad_(False)                          # W0, frozen
         kw = dict(device=base.weight.device, dtype=_adapter_dtype(base, fp32_adapter))
+        self.base = base.requires_grad_(False)                          # W0, frozen
         self.lora_A = nn.Linear(base.in_features, r, bias=False, **kw)  # A: (r, d_in)
         lam = (n_tasks, r) if diagonal else (n_tasks, r, r)
         self.lora_lambda = nn.Parameter(torch.empty(lam, **kw))         # Lam: (T, r, r) or (T, r)
@@ -96,7 +96,8 @@ class MTLLoRALinear(nn.Module):
         if t is None or x.dim() < 2 or len(t) != x.shape[0]:
             raise ValueError(f"{'no' if t is None else len(t)} task ids for input {tuple(x.shape)}"
                              ": call the model `with task_ids(model, ids):`, one id per sample, in "
-                             "dim 0 (nn.TransformerEncoder: batch_first=True); or merge_mtl_lora")
+                             "dim 0 (nn.TransformerEncoder: batch_first=True), the backward inside "
+                             "it too under gradient checkpointing; or merge_mtl_lora")
         return t
 
     @property
@@ -117,6 +118,7 @@ class MTLLoRALinear(nn.Module):
         return dW.to(self.base.weight.device)
 
     def _check_task(self, task):
+        _refuse_quantized([self], "merge_and_unload_mtl_lora")
         if not (_is_int(task, 0) and task < self.n_tasks):
             raise ValueError(f"merge needs one task id, an int in [0, {self.n_tasks}), "
                              f"got {task!r}")
@@ -257,9 +259,26 @@ def _is_num(x, lo, hi):                        # a real number in [lo, hi) (not 
 
 
 def _adapter_dtype(base, fp32_adapter):
-    """fp32 on a half-precision (bf16/fp16) base unless fp32_adapter=False; else the base's."""
-    half = base.weight.dtype in (torch.float16, torch.bfloat16)
-    return torch.float32 if fp32_adapter and half else base.weight.dtype
+    """fp32 on a half-precision (bf16/fp16) or quantized (integer weight: bitsandbytes 4/8-bit)
+    base unless fp32_adapter=False; else the base's dtype (quantized: its compute dtype)."""
+    if not isinstance(fp32_adapter, bool):
+        raise ValueError(f"fp32_adapter must be True or False, got {fp32_adapter!r}")
+    W = base.weight
+    if W.is_floating_point():
+        half = W.dtype in (torch.float16, torch.bfloat16)
+        return torch.float32 if fp32_adapter and half else W.dtype
+    compute = getattr(base, "compute_dtype", None) or getattr(base.bias, "dtype", torch.float32)
+    return torch.float32 if fp32_adapter else compute       # bnb 4-bit's compute_dtype, or bias'
+
+
+def _refuse_quantized(layers, unload):
+    """merge() adds a float update to W0 in place: refuse, before any change, a quantized W0 (its
+    packed integer weight would take the update wrong, or fail)."""
+    q = next((m.base for m in layers if not m.base.weight.is_floating_point()), None)
+    if q is not None:
+        raise ValueError(f"cannot merge into a quantized weight ({type(q).__name__}, "
+                         f"{q.weight.dtype}): dequantize the model first (transformers: model = "
+                         f"model.dequantize()), then {unload}(model); or serve it unmerged")
 
 
 def _find_targets(model, targets):
@@ -379,6 +398,11 @@ def _load_adapters(model, state, own, layers, add):
         unmerge = add.replace("add_", "unmerge_")
         raise ValueError(f"load into a model adapted alike and unmerged: {add}(model, ...) first, "
                          f"with the same settings; {unmerge}(model) if merged")
+    shards = sorted({k for d in (state, own) for k, v in d.items() if hasattr(v, "full_tensor")})
+    if shards:                                  # DTensor's mark, without importing distributed
+        raise ValueError(f"sharded (DTensor) adapter tensors at {shards[:2]}: load into the model "
+                         "before fully_shard, and save the full tensors (get_model_state_dict("
+                         "model, options=StateDictOptions(full_state_dict=True)) on each process)")
     bad = sorted(k for k in own.keys() | state.keys()
                  if k not in own or k not in state or own[k].shape != state[k].shape)
     if bad:
@@ -401,6 +425,11 @@ def _load_adapters(model, state, own, layers, add):
 # - Dtypes: on a bf16/fp16 base the adapter is fp32 by default, as in peft (in half precision
 #   small updates are lost to rounding); fp32_adapter=False keeps the base's dtype. x is cast to
 #   the adapter's dtype and the update to the output's, so autocast works.
+# - A quantized base (an nn.Linear with an integer weight: bitsandbytes' Linear4bit, Linear8bitLt,
+#   as transformers loads them; QLoRA) gets fp32 adapters too (fp32_adapter=False: the layer's
+#   compute dtype); no bitsandbytes import. Merging into it is refused before any change (the
+#   packed weight cannot take a float update): dequantize first (transformers'
+#   model.dequantize()), then merge and unload.
 # - merge() forms the update in fp32 and casts once; in bf16, merge then unmerge restores W0 only
 #   to bf16 rounding. A merged layer keeps the task and the A, Lam_t, B, w_t it folded in as
 #   buffers (folded_*), so unmerge() is exact even if they change, and a merged model saves

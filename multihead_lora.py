@@ -56,9 +56,9 @@ class MultiHeadLoRALinear(nn.Module):
                  fp32_adapter: bool = True):
         super().__init__()
         _check_hparams(base, r, n_heads, alpha, dropout, router, init)
+        kw = dict(device=base.weight.device, dtype=_adapter_dtype(base, fp32_adapter))
         self.base = base.requires_grad_(False)                           # W0, frozen
         d_in, d_out, N = base.in_features, base.out_features, n_heads
-        kw = dict(device=base.weight.device, dtype=_adapter_dtype(base, fp32_adapter))
         self.lora_A = nn.Linear(d_in, r, bias=False, **kw)               # A: (r, d_in)
         self.lora_B = nn.Parameter(torch.empty(N, d_out, r, **kw))       # B_i = lora_B[i]
         self.router = nn.Linear(d_in, N, bias=False, **kw) if router else None   # W_r: (N, d_in)
@@ -140,6 +140,7 @@ class MultiHeadLoRALinear(nn.Module):
         if self.router is not None:
             raise ValueError("a routed (HydraLoRA) layer cannot be merged: its update changes with "
                              "the input through the router; keep it unmerged, or use router=False")
+        _refuse_quantized([self], "merge_and_unload_multihead_lora")
         if not self.merged:
             self.folded_A, self.folded_B = self.lora_A.weight.clone(), self.lora_B.clone()
             if self.lora_A0 is not None:
@@ -189,6 +190,7 @@ def multihead_layers(model: nn.Module):
 
 def merge_multihead_lora(model: nn.Module):
     layers = [m for _, m in multihead_layers(model)]
+    _refuse_quantized([m for m in layers if m.router is None], "merge_and_unload_multihead_lora")
     for m in sorted(layers, key=lambda m: m.router is None):    # routed first: they refuse to
         m.merge()                                                # merge before any weight changes
 
@@ -239,9 +241,12 @@ def record_routing(model: nn.Module):
         raise ValueError("the model has no routed multi-head LoRA layers (router=True) to record")
     records = {}
 
-    def store(name):                    # w = softmax(W_r x) from the router's output W_r x
-        return lambda router, args, Wx: records.__setitem__(name, Wx.detach().float().softmax(-1))
-    hooks = [m.router.register_forward_hook(store(name)) for name, m in layers]
+    def store(name, target):
+        def hook(router, args, Wx):     # w = softmax(W_r x) from the router's output W_r x
+            if router is target:        # not a copy's (copy.deepcopy of the model keeps the hook)
+                records[name] = Wx.detach().float().softmax(-1)
+        return hook
+    hooks = [m.router.register_forward_hook(store(name, m.router)) for name, m in layers]
     try:
         yield records
     finally:
@@ -251,22 +256,25 @@ def record_routing(model: nn.Module):
 
 def routing_table(records: dict, task_ids: torch.Tensor, n_tasks: int, mask=None) -> torch.Tensor:
     """(n_tasks, N): mean routing weight per task and head, over layers and masked tokens.
-    records: {name: (B, ..., N)} from record_routing; task_ids (B,); mask (B, ...) bool or None.
-    A task with no (unmasked) token gets a row of nan."""
+    records: {name: (B, ..., N)} from record_routing; task_ids (B,); mask (B, ...), bool or integer
+    (tokens where mask != 0), or None (tensors, lists or numpy arrays). A task with no (unmasked)
+    token gets a row of nan."""
     shapes = {tuple(w.shape) for w in records.values()}
     if len(shapes) != 1:
         raise ValueError(f"records must come from one forward inside record_routing: non-empty, "
                          f"of one shape; got shapes {sorted(shapes)}")
     W = torch.stack([w.float() for w in records.values()]).mean(0)   # (B, ..., N), over layers
     Bsz, N, ids, shape = W.shape[0], W.shape[-1], torch.as_tensor(task_ids), tuple(W.shape[:-1])
-    mask = torch.ones(shape, dtype=torch.bool) if mask is None else mask
-    if not (_is_int(n_tasks, 1) and ids.dtype in (torch.int8, torch.int16, torch.int32, torch.long)
-            and ids.shape == (Bsz,) and bool(((ids >= 0) & (ids < n_tasks)).all())
-            and mask.dtype == torch.bool and tuple(mask.shape) == shape):
+    mask = torch.ones(shape, dtype=torch.bool) if mask is None else torch.as_tensor(mask)
+    ints = (torch.int8, torch.int16, torch.int32, torch.long)
+    if not (_is_int(n_tasks, 1) and ids.dtype in ints and ids.shape == (Bsz,)
+            and bool(((ids >= 0) & (ids < n_tasks)).all())
+            and mask.dtype in ints + (torch.bool, torch.uint8) and tuple(mask.shape) == shape):
         raise ValueError(f"routing_table needs n_tasks >= 1, task_ids: integers in [0, n_tasks) of "
-                         f"shape ({Bsz},), mask: bool of shape {shape}; got {n_tasks=}, task_ids "
-                         f"{ids.dtype} {tuple(ids.shape)}, mask {mask.dtype} {tuple(mask.shape)}")
-    W, mask = W.reshape(Bsz, -1, N), mask.reshape(Bsz, -1).to(W.device)    # (B, L, N), (B, L)
+                         f"shape ({Bsz},), mask: bool or integers of shape {shape}; got "
+                         f"{n_tasks=}, task_ids {ids.dtype} {tuple(ids.shape)}, mask {mask.dtype} "
+                         f"{tuple(mask.shape)}")
+    W, mask = W.reshape(Bsz, -1, N), (mask != 0).reshape(Bsz, -1).to(W.device)  # (B, L, N), (B, L)
     t = ids.to(W.device, torch.long).view(Bsz, 1).expand(mask.shape)[mask]  # (K,) kept tokens
     sums = W.new_zeros(n_tasks, N).index_add_(0, t, W[mask])                # (n_tasks, N)
     counts = torch.bincount(t, minlength=n_tasks).to(W.dtype)               # (n_tasks,)
@@ -285,9 +293,26 @@ def _is_num(x, lo, hi):                        # a real number in [lo, hi) (not 
 
 
 def _adapter_dtype(base, fp32_adapter):
-    """fp32 on a half-precision (bf16/fp16) base unless fp32_adapter=False; else the base's."""
-    half = base.weight.dtype in (torch.float16, torch.bfloat16)
-    return torch.float32 if fp32_adapter and half else base.weight.dtype
+    """fp32 on a half-precision (bf16/fp16) or quantized (integer weight: bitsandbytes 4/8-bit)
+    base unless fp32_adapter=False; else the base's dtype (quantized: its compute dtype)."""
+    if not isinstance(fp32_adapter, bool):
+        raise ValueError(f"fp32_adapter must be True or False, got {fp32_adapter!r}")
+    W = base.weight
+    if W.is_floating_point():
+        half = W.dtype in (torch.float16, torch.bfloat16)
+        return torch.float32 if fp32_adapter and half else W.dtype
+    compute = getattr(base, "compute_dtype", None) or getattr(base.bias, "dtype", torch.float32)
+    return torch.float32 if fp32_adapter else compute       # bnb 4-bit's compute_dtype, or bias'
+
+
+def _refuse_quantized(layers, unload):
+    """merge() adds a float update to W0 in place: refuse, before any change, a quantized W0 (its
+    packed integer weight would take the update wrong, or fail)."""
+    q = next((m.base for m in layers if not m.base.weight.is_floating_point()), None)
+    if q is not None:
+        raise ValueError(f"cannot merge into a quantized weight ({type(q).__name__}, "
+                         f"{q.weight.dtype}): dequantize the model first (transformers: model = "
+                         f"model.dequantize()), then {unload}(model); or serve it unmerged")
 
 
 def _find_targets(model, targets):
@@ -407,6 +432,11 @@ def _load_adapters(model, state, own, layers, add):
         unmerge = add.replace("add_", "unmerge_")
         raise ValueError(f"load into a model adapted alike and unmerged: {add}(model, ...) first, "
                          f"with the same settings; {unmerge}(model) if merged")
+    shards = sorted({k for d in (state, own) for k, v in d.items() if hasattr(v, "full_tensor")})
+    if shards:                                  # DTensor's mark, without importing distributed
+        raise ValueError(f"sharded (DTensor) adapter tensors at {shards[:2]}: load into the model "
+                         "before fully_shard, and save the full tensors (get_model_state_dict("
+                         "model, options=StateDictOptions(full_state_dict=True)) on each process)")
     bad = sorted(k for k in own.keys() | state.keys()
                  if k not in own or k not in state or own[k].shape != state[k].shape)
     if bad:
@@ -426,6 +456,11 @@ def _load_adapters(model, state, own, layers, add):
 # - Dtypes: on a bf16/fp16 base the adapter is fp32 by default, as in peft (in half precision
 #   small updates are lost to rounding); fp32_adapter=False keeps the base's dtype. x is cast to
 #   the adapter's dtype and the update to the output's, so autocast works.
+# - A quantized base (an nn.Linear with an integer weight: bitsandbytes' Linear4bit, Linear8bitLt,
+#   as transformers loads them; QLoRA) gets fp32 adapters too (fp32_adapter=False: the layer's
+#   compute dtype); no bitsandbytes import. Merging into it is refused before any change (the
+#   packed weight cannot take a float update): dequantize first (transformers'
+#   model.dequantize()), then merge and unload.
 # - merge() forms the update in fp32 and casts once; in bf16, merge then unmerge restores W0 only
 #   to bf16 rounding. A merged layer keeps the A and B it folded in as buffers (folded_A,
 #   folded_B), so unmerge() is exact even if they change, and a merged model saves (torch.save, HF

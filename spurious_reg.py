@@ -31,7 +31,8 @@ conditioned, but the graph still decides which modules each task's answer may re
 
 Defaults: K = 4 modules and 2 environments (train.py's confounded task B is drawn in two
 environments); train.py's weights l_dec = l_sp = 0.01 and invariance weight 10 from 30% of the
-steps on (the weight chosen on validation draws of 3 seeds, see the README).
+steps on (the weight chosen on validation draws of 3 seeds by benchmarks/tune_spurious.py; see
+benchmarks/README.md).
 
 Usage (losses are per-sample risks computed from forward()'s output, so they depend on G):
 
@@ -78,12 +79,12 @@ class MTCRL(nn.Module):
         if not (torch.is_tensor(h) and h.dim() >= 2 and h.shape[-1] == self.d):
             raise ValueError(f"h must be a representation (B, ..., d) with d = {self.d} features, "
                              f"the d of MTCRL(d, ...); got shape {tuple(getattr(h, 'shape', ()))}")
-        self._check_ids(task_ids, h.shape[0], "task_ids", 0, self.n_tasks)
+        task_ids = self._ids(task_ids, h.shape[0], "task_ids", 0, self.n_tasks, self.G.device)
         K = self.n_modules
         # h_k: h cut into K modules, (B, ..., K, d/K)
         h_k = h.unflatten(-1, (K, self.d // K))
         # g_{t,k} for each sample's task t: (B, K), then (B, 1, ..., 1, K, 1)
-        g = self.gates()[task_ids.long()].to(h.dtype)
+        g = self.gates()[task_ids].to(h.dtype)
         g = g.view(h.shape[0], *[1] * (h.dim() - 2), K, 1)
         # out = concat_k(g_{t,k} h_k): (B, ..., d)
         return (g * h_k).flatten(-2)
@@ -128,8 +129,8 @@ class MTCRL(nn.Module):
         if not (torch.is_tensor(losses) and losses.dim() == 1 and losses.is_floating_point()):
             raise ValueError("losses must be per-sample risks (B,): reduce per-token losses first")
         T, E, B = self.n_tasks, self.n_envs, losses.shape[0]
-        self._check_ids(task_ids, B, "task_ids", 0, T)
-        self._check_ids(env_ids, B, "env_ids", -1, E)
+        task_ids = self._ids(task_ids, B, "task_ids", 0, T, losses.device)
+        env_ids = self._ids(env_ids, B, "env_ids", -1, E, losses.device)
         if not (self.G.requires_grad and torch.is_grad_enabled()):
             return self.G.new_zeros((), dtype=torch.float32)            # G does not train
         r = _fp32_or_wider(losses)                                      # (B,) per-sample risks
@@ -139,26 +140,42 @@ class MTCRL(nn.Module):
         # R_t^e = mean of r_i over task t's samples in environment e: (T, E)
         R = (in_t * r[:, None]).t() @ in_e / n.clamp(min=1)
         # dR_t^e / dG_t for all t: row t of d(sum_t R_t^e) / dG, as R_t^e reads only G_t: (E, T, K)
-        dR = [torch.autograd.grad(R[:, e].sum(), self.G, create_graph=True, allow_unused=True)[0]
-              if R.requires_grad else None for e in range(E)]
+        G, dR = self.G, []
+        for e in range(E):
+            dR.append(torch.autograd.grad(R[:, e].sum(), G, create_graph=True, allow_unused=True)[0]
+                      if R.requires_grad else None)
+            if self.G is not G:                 # swapped by an engine's backward hooks (FSDP2)
+                raise ValueError(_ENGINE)
         if all(g is None for g in dR):
             raise ValueError("the losses do not depend on the graph G: compute them from the "
                              "output of crl(h, task_ids), e.g. head(crl(h, task_ids)), not from h")
-        dR = torch.stack([torch.zeros_like(self.G) if g is None else g for g in dR])
+        dR = torch.stack([torch.zeros_like(G) if g is None else g for g in dR])
         # ||dR_t^e / dG_t||^2: (T, E), exactly 0 where task t has no sample in e
         sq = _fp32_or_wider(dR).pow(2).sum(-1).t()
         # sum_t mean_e, the mean over the environments where task t has samples (none: adds 0)
         return (sq.sum(1) / (n > 0).sum(1).clamp(min=1)).sum()
 
     @staticmethod
-    def _check_ids(ids, B, name, lo, hi):
-        if not (torch.is_tensor(ids) and ids.dtype in _INT_DTYPES and ids.shape == (B,)):
-            raise ValueError(f"{name} must be an integer tensor of shape ({B},), one id per sample")
+    def _ids(ids, B, name, lo, hi, device):
+        """ids (a tensor, list or numpy array) as a LongTensor (B,) on `device`, checked."""
+        try:
+            ids = torch.as_tensor(ids, device=device)
+        except (TypeError, ValueError, RuntimeError):
+            ids = None
+        if not (ids is not None and ids.dtype in _INT_DTYPES and ids.shape == (B,)):
+            raise ValueError(f"{name} must be integers of shape ({B},), one id per sample (a "
+                             "tensor, a list or a numpy array)")
         torch._assert_async(((ids >= lo) & (ids < hi)).all(), f"{name} must be in [{lo}, {hi - 1}]")
+        return ids.long()
 
     def extra_repr(self):
         return (f"d={self.d}, n_tasks={self.n_tasks}, n_modules={self.n_modules}, "
                 f"n_envs={self.n_envs}")
+
+
+_ENGINE = ("the invariance penalty differentiates through the head and G twice, and FSDP2 "
+           "reshards what fully_shard wraps inside that torch.autograd.grad: keep MTCRL and the "
+           "head out of fully_shard (average G's gradient over the processes), or use DDP")
 
 
 def _fp32_or_wider(x):

@@ -1,5 +1,6 @@
-"""What the method-file tests share (the method files share nothing): the small model they adapt,
-a counter of host reads of tensor values, and a runner of a method file's docstring example."""
+"""What the method-file tests share (the method files share nothing): the small model they adapt
+(also with quantized layers), a counter of host reads of tensor values, and a runner of a method
+file's docstring example."""
 import contextlib
 import os
 import sys
@@ -24,6 +25,31 @@ class Tiny(nn.Module):
         for b in self.blocks:
             x = x + b["down"](torch.relu(b["up"](b["q"](x))))
         return self.head(x)
+
+
+class Int8Linear(nn.Linear):
+    """A stand-in for a quantized layer (bitsandbytes' Linear8bitLt or Linear4bit, which
+    tests/test_quantized.py uses): an nn.Linear whose weight is int8, a scale per output row."""
+
+    def __init__(self, layer):
+        super().__init__(layer.in_features, layer.out_features, device="meta")
+        scale = layer.weight.detach().abs().amax(1, keepdim=True) / 127
+        W = (layer.weight / scale).round().to(torch.int8)
+        self.weight = nn.Parameter(W, requires_grad=False)
+        self.bias = layer.bias
+        self.register_buffer("scale", scale)
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight * self.scale, self.bias)
+
+
+def quantized_tiny(targets=("down",)):
+    """Tiny with its `targets` layers quantized (Int8Linear); the others stay float."""
+    model = Tiny()
+    for b in model.blocks:
+        for t in targets:
+            b[t] = Int8Linear(b[t])
+    return model
 
 
 HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__")

@@ -121,26 +121,29 @@ def test_loss_gradient_equals_plain_autograd_reference(kind):
 
 
 def test_fused_kernel_sum_equals_plain_formula_values_and_gradients(monkeypatch):
-    """The fused k = sum_s exp(-d2 / (2 sigma_s)) against the 19 separate kernels in float64, on
-    a d2 with exact zeros (repeated tokens) and very large values (far tokens), over several
-    blocks that do not divide m."""
-    monkeypatch.setattr(align_lora, "BLOCK", 3 * 7 * 7)        # 7 x 7 blocks of a 40 x 40 d2
+    """The fused sum_xy C_xy k(d_xy), k = sum_s exp(-d^2 / (2 sigma_s)), against the 19 separate
+    kernels in float64 (within 1e-6, relative), on distances with exact zeros (repeated tokens) and
+    very large values (far tokens), over several blocks that do not divide m. Its gradient at d_xy
+    is the plain gradient's at d_xy plus at d_yx (the loss differentiates d through its rows'
+    tokens only: d_xy and d_yx are one function of the tokens)."""
+    monkeypatch.setattr(align_lora, "BLOCK", 3 * 7 * 7)        # 7 x 7 blocks of a 40 x 40 d
     torch.manual_seed(0)
     z = torch.randn(3, 40, 4) * torch.tensor([1e-3, 0.3, 3.0])[:, None, None]
-    z[:, 10:15] = z[:, 3:4]                                     # repeated tokens: d2 = 0
-    z[:, 30:] *= torch.tensor([1.0, 10.0, 1e3, 1e5])            # far tokens: d2 up to ~1e11
-    d2 = torch.cdist(z, z, compute_mode="donot_use_mm_for_euclid_dist").square().requires_grad_()
-    W = torch.tensor([[1.0] * 19, [-1 / (2 * s) for s in AUTHORS_SIGMAS]])
-    k = align_lora._KernelSum.apply(d2, W)
-    d64 = d2.detach().double().requires_grad_()
-    k64 = sum(torch.exp(-d64 / (2 * s)) for s in AUTHORS_SIGMAS)
-    assert (d2 == 0).sum() > 3 * 40 and d2.max() > 1e10
-    torch.testing.assert_close(k.double(), k64, rtol=1e-6, atol=1e-6)
-    grad_k = torch.randn(3, 40, 40)
-    k.backward(grad_k)
-    k64.backward(grad_k.double())
-    g64 = d64.grad
-    torch.testing.assert_close(d2.grad.double(), g64, rtol=1e-5, atol=1e-6 * g64.abs().max().item())
+    z[:, 10:15] = z[:, 3:4]                                     # repeated tokens: d = 0
+    z[:, 30:] *= torch.tensor([1.0, 10.0, 1e3, 1e5])            # far tokens: d^2 up to ~1e11
+    d = torch.cdist(z, z, compute_mode="donot_use_mm_for_euclid_dist")
+    assert (d == 0).sum() > 3 * 40 and d.max() ** 2 > 1e10
+    W = align_lora.AlignmentLoss(Probe(), 2)._W                 # the default bandwidths'
+    weights = torch.rand(40, 40)
+    for C in (torch.ones(40, 40), weights + weights.t()):
+        x, d64 = d.clone().requires_grad_(), d.double().requires_grad_()
+        loss = align_lora._KernelSum.apply(x, C, W)
+        ref = (C.double() * sum(torch.exp(-d64 ** 2 / (2 * s)) for s in AUTHORS_SIGMAS)).sum()
+        assert abs(loss.item() - ref.item()) < 1e-6 * ref.item()
+        loss.backward()
+        (g64,) = torch.autograd.grad(ref, d64)
+        torch.testing.assert_close(x.grad.double(), g64 + g64.mT, rtol=1e-5,
+                                   atol=1e-6 * g64.abs().max().item())
 
 
 @pytest.mark.parametrize("kind", ["kl", "mmd"])

@@ -22,7 +22,8 @@ from test_align_lora import Probe, kl_reference, loss_of
     (torch.tensor([[0, 1, 0, 1]]), None, "shape"),
     (torch.tensor([], dtype=torch.long), None, "B >= 1"),
     (torch.tensor([0, 1, 0, 1]), torch.ones(4, 3), "bool or integer"),
-    (torch.tensor([0, 1, 0, 1]), [[True] * 3] * 4, "bool or integer"),
+    (torch.tensor([0, 1, 0, 1]), [[1.0] * 3] * 4, "bool or integer"),
+    (torch.tensor([0, 1, 0, 1]), "1110", "bool or integer"),
     (torch.tensor([0, 1, 0, 1]), torch.ones(4, 2, dtype=torch.bool), "do not fit"),
     (torch.tensor([0, 1, 0, 1]), torch.ones(4, dtype=torch.bool), "do not fit")])
 def test_bad_call_inputs_raise(ids, mask, msg):
@@ -145,3 +146,83 @@ def test_two_dim_outputs_and_bf16_under_autocast():
         loss = loss_of([z.bfloat16()], ids, mask)
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, ref.float(), rtol=0.05, atol=0.01)
+
+
+# ----------------------------------------------------------------------------- what users meet
+
+def test_masks_and_ids_may_be_lists_or_numpy_arrays():
+    """As the README says: a mask or task ids given as a list or a numpy array (bool or integer)
+    give the loss of the same tensors (a numpy bool mask was refused with "got bool")."""
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    z, ids = torch.randn(4, 3, 2), torch.tensor([0, 1, 0, 1])
+    mask = torch.tensor([[1, 1, 0]] * 3 + [[1, 0, 0]], dtype=torch.bool)
+    ref = loss_of([z], ids, mask)
+    for m in (mask.tolist(), mask.numpy(), mask.long().numpy(), mask.int().tolist()):
+        for i in (ids, ids.tolist(), ids.numpy()):
+            assert torch.equal(loss_of([z], i, m), ref)
+    assert np.asarray(mask).dtype == np.bool_
+
+
+def test_after_merge_or_unload_the_error_says_why_nothing_was_captured():
+    """Merged adapters skip lora_A, unloaded ones are gone: the error says so (it used to say
+    "run the forward first", which the user had done)."""
+    model, x, ids = Tiny(), torch.randn(2, 3, 12), torch.tensor([0, 1])
+    lora.add_lora(model, targets=["q", "down"], r=2)
+    align = align_lora.AlignmentLoss(model, 2)
+    lora.merge_lora(model)
+    model.eval()(x)
+    with pytest.raises(ValueError, match=r"merged.*unmerge_\*\(model\)"):
+        align(ids)
+    model = lora.merge_and_unload_lora(model)
+    model(x)
+    with pytest.raises(ValueError, match="adapters are gone from the model"):
+        align(ids)
+
+
+def test_a_model_with_an_alignment_loss_pickles_and_copies(tmp_path):
+    """torch.save(model) with the hooks attached works (it raised "Can't pickle local object");
+    the loaded model computes the same and its hooks do nothing. A deepcopy's forward does not
+    overwrite the original's captures."""
+    import copy
+    torch.manual_seed(0)
+    model, x, ids = Tiny(), torch.randn(4, 3, 12), torch.tensor([0, 1, 0, 1])
+    lora.add_lora(model, targets=["q", "down"], r=2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    align = align_lora.AlignmentLoss(model, 2)
+    torch.save(model, tmp_path / "model.pt")
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    want = model(x)
+    ref = align(ids)
+    assert torch.equal(loaded(x), want) and not align._z    # its hooks capture nothing
+    fresh = align_lora.AlignmentLoss(loaded, 2)             # a new loss for the loaded model
+    loaded(x)
+    assert torch.equal(fresh(ids), ref)
+    twin = copy.deepcopy(model)
+    model(x)
+    twin(x + 1)                                             # the copy's layers are skipped
+    assert torch.equal(align(ids), ref)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_a_forward_without_autograd_is_refused_while_the_adapters_train(reentrant):
+    """Reentrant gradient checkpointing (peft's prepare_model_for_kbit_training's default) runs the
+    forward without autograd: the captured lora_A outputs carry no gradient and the alignment
+    would silently not train. Refused with the way out; use_reentrant=False works."""
+    from torch.utils.checkpoint import checkpoint
+    torch.manual_seed(0)
+    model, x, ids = Tiny(), torch.randn(4, 3, 12, requires_grad=True), torch.tensor([0, 1, 0, 1])
+    lora.add_lora(model, targets=["q", "down"], r=2)
+    align = align_lora.AlignmentLoss(model, 2)
+    checkpoint(model, x, use_reentrant=reentrant)
+    if reentrant:
+        with pytest.raises(ValueError, match="use_reentrant=False"):
+            align(ids)
+    else:
+        align(ids).backward()
+        assert all(m.lora_A.weight.grad.abs().sum() > 0 for m in lora.lora_layers(model))
+    with torch.no_grad():                                   # evaluating: no gradient wanted
+        model(x)
+        assert align(ids) > 0

@@ -34,7 +34,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINES = ["ddp", "fsdp2"]
 PER_BATCH = ("align", "mtcrl")              # statistics of the batch: per process under an engine
 TOL = dict(atol=1e-6, rtol=1e-5)
-FIXES = "a method-file change written up in the lead's notes (distributed_fixes.md)"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -127,7 +126,6 @@ def slip(two, name):
     return two[0][name]
 
 
-@pytest.mark.xfail(strict=True, reason=f"the clear error needs {FIXES}, fix 1")
 def test_loading_the_shards_of_a_sharded_model_is_refused_in_one_line(two):
     """lora_state_dict on an FSDP2 model gives DTensor shards; loading them into a plain model
     fails deep in torch today (aten.copy_ got mixed Tensor and DTensor)."""
@@ -135,13 +133,11 @@ def test_loading_the_shards_of_a_sharded_model_is_refused_in_one_line(two):
     assert got.startswith("ValueError") and "full_state_dict" in got and "\n" not in got, got
 
 
-@pytest.mark.xfail(strict=True, reason=f"the clear error needs {FIXES}, fix 1")
 def test_loading_an_adapter_into_a_sharded_model_is_refused_in_one_line(two):
     got = slip(two, "load into shards")
     assert got.startswith("ValueError") and "fully_shard" in got and "\n" not in got, got
 
 
-@pytest.mark.xfail(strict=True, reason=f"the clear error needs {FIXES}, fix 2")
 def test_mtcrl_with_its_head_inside_fully_shard_is_refused_in_one_line(two):
     """The invariance penalty's torch.autograd.grad runs FSDP2's backward hooks, which reshard
     G and the head mid-penalty: a traceback from torch today (mixed Tensor and DTensor)."""

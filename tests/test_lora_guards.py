@@ -1,13 +1,14 @@
 """lora.py's guards: bad input raising ValueError, and the engineering (state dicts, merging
 bookkeeping, bf16, autocast, building on meta). What LoRA computes: tests/test_lora.py."""
 import math
+import os
 
 import pytest
 import torch
 import torch.nn as nn
 
 import lora
-from helpers import Tiny
+from helpers import ROOT, Tiny, quantized_tiny
 from test_lora import adapted, randomize_B
 
 
@@ -20,7 +21,9 @@ from test_lora import adapted, randomize_B
                                      (dict(dropout=float("nan")), "dropout"),
                                      (dict(r=0), "rank"), (dict(r=2.5), "rank"),
                                      (dict(alpha=0), "alpha"), (dict(dropout=1.0), "dropout"),
-                                     (dict(targets=["blocks"]), "not an nn.Linear")])
+                                     (dict(targets=["blocks"]), "not an nn.Linear"),
+                                     (dict(fp32_adapter="False"), "fp32_adapter must be True"),
+                                     (dict(fp32_adapter=0), "fp32_adapter must be True")])
 def test_bad_inputs_raise(kw, msg):
     args = dict(targets=["q"], r=4) | kw
     with pytest.raises(ValueError, match=msg):
@@ -33,6 +36,8 @@ def test_a_failed_call_changes_nothing():
         lora.add_lora(model, targets=["q", "nope"])
     with pytest.raises(ValueError):
         lora.add_lora(model, targets=["q"], r=0)
+    with pytest.raises(ValueError):
+        lora.add_lora(model, targets=["q"], fp32_adapter="yes")
     assert not lora.lora_layers(model) and all(p.requires_grad for p in model.parameters())
 
 
@@ -80,6 +85,49 @@ def test_adding_more_adapters_keeps_the_first_ones_trainable():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {f"blocks.{i}.{t}.lora_{ab}.weight" for i in range(2) for t in ("q", "down")
                          for ab in "AB"}
+
+
+def test_the_plumbing_is_the_same_in_the_three_adapter_files():
+    """The block under the banner "Plumbing, the same in lora.py, multihead_lora.py and
+    mtl_lora.py", up to the "Our choices" comments, is the same text in the three files, so a fix
+    to one reaches all three."""
+    def plumbing(name):
+        text = open(os.path.join(ROOT, name)).read()
+        start = text.index("# Plumbing, the same in lora.py, multihead_lora.py and mtl_lora.py")
+        return text[start:text.index("\n# Our choices", start)]
+    blocks = [plumbing(name) for name in ("lora.py", "multihead_lora.py", "mtl_lora.py")]
+    assert "def _adapt(" in blocks[0] and blocks[0].count("\ndef ") >= 10
+    assert blocks[1] == blocks[0] and blocks[2] == blocks[0]
+
+
+# ----------------------------------------------------------------------------- quantized layers
+
+def test_a_quantized_base_gets_fp32_adapters_and_merging_is_refused_before_any_change():
+    """An nn.Linear with an integer weight (bitsandbytes' 4/8-bit: tests/test_quantized.py): fp32
+    adapters (its compute dtype with fp32_adapter=False), the start is the base; merging would
+    write a float update into the integer weight, so it is refused before any layer changes (the
+    float q and up come before the quantized down)."""
+    torch.manual_seed(0)
+    model, x = quantized_tiny(["down"]), torch.randn(2, 3, 12)
+    want = model(x)
+    lora.add_lora(model, ["q", "up", "down"], r=4)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert torch.equal(model(x), want)
+    randomize_B(model)
+    adapted_out, weights = model(x), [p.clone() for p in model.parameters()]
+    for merge in (lambda: lora.merge_lora(model), lambda: lora.merge_and_unload_lora(model),
+                  lora.lora_layers(model)[-1].merge):
+        with pytest.raises(ValueError, match=r"cannot merge into a quantized weight \(Int8Linear, "
+                           r"torch.int8\): dequantize .* then merge_and_unload_lora\(model\)"):
+            merge()
+    assert not any(m.merged for m in lora.lora_layers(model)) and len(lora.lora_layers(model)) == 6
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), weights))
+    assert torch.equal(model(x), adapted_out)
+    down = model.blocks[0]["down"].base
+    down.compute_dtype = torch.bfloat16                     # as bitsandbytes' 4-bit layer has
+    for fp32, dtype in [(True, torch.float32), (False, torch.bfloat16)]:
+        layer = lora.LoRALinear(down, r=2, fp32_adapter=fp32)
+        assert layer.lora_A.weight.dtype == layer.lora_B.weight.dtype == dtype
 
 
 # ----------------------------------------------------------------------------- state dicts

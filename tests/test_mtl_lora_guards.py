@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import mtl_lora
-from helpers import Tiny, count_host_reads
+from helpers import Tiny, count_host_reads, quantized_tiny
 from test_mtl_lora import T, adapted, randomize
 
 
@@ -25,7 +25,8 @@ from test_mtl_lora import T, adapted, randomize
                                      (dict(alpha=math.inf), "alpha=inf"),
                                      (dict(alpha=math.nan), "alpha=nan"),
                                      (dict(dropout=1.0), "dropout=1.0"),
-                                     (dict(targets=["blocks"]), "not an nn.Linear")])
+                                     (dict(targets=["blocks"]), "not an nn.Linear"),
+                                     (dict(fp32_adapter="False"), "fp32_adapter must be True")])
 def test_bad_hparams_raise(kw, msg):
     args = dict(n_tasks=T, targets=["q"], r=4) | kw
     with pytest.raises(ValueError, match=msg):
@@ -197,6 +198,31 @@ def test_unmerge_restores_W0_even_if_the_adapter_changed_while_merged(diagonal):
 
 
 # ----------------------------------------------------------------------------- dtypes and devices
+
+def test_a_quantized_base_gets_fp32_adapters_and_merging_is_refused_before_any_change():
+    """An nn.Linear with an integer weight (bitsandbytes' 4/8-bit: tests/test_quantized.py): fp32
+    adapters, the start is the base; merging would write a float update into the integer weight:
+    refused before any layer changes (the float q and up come before the quantized down)."""
+    torch.manual_seed(0)
+    model, x, ids = quantized_tiny(["down"]), torch.randn(2, 3, 12), torch.tensor([0, 1])
+    want = model(x)
+    mtl_lora.add_mtl_lora(model, T, ["q", "up", "down"], r=4)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    with mtl_lora.task_ids(model, ids):
+        assert torch.equal(model(x), want)
+        randomize(model)
+        adapted_out, weights = model(x), [p.clone() for p in model.parameters()]
+    for merge in (lambda: mtl_lora.merge_mtl_lora(model, 1),
+                  lambda: mtl_lora.merge_and_unload_mtl_lora(model, 1),
+                  lambda: model.blocks[0]["down"].merge(1)):
+        with pytest.raises(ValueError, match=r"cannot merge into a quantized weight \(Int8Linear, "
+                           r"torch.int8\): dequantize .* then merge_and_unload_mtl_lora"):
+            merge()
+    assert not any(m.merged for m in mtl_lora.mtl_layers(model))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), weights))
+    with mtl_lora.task_ids(model, ids):
+        assert torch.equal(model(x), adapted_out)
+
 
 def test_output_dtype_under_autocast():
     model = adapted(dropout=0.5)

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 import multihead_lora as mh
-from helpers import Tiny
+from helpers import Tiny, quantized_tiny
 from test_multihead_lora import MLORA, VARIANTS, adapted, randomize_B
 
 
@@ -26,7 +26,8 @@ from test_multihead_lora import MLORA, VARIANTS, adapted, randomize_B
                                      (dict(dropout=-0.1), "dropout"),
                                      (dict(init="random", router=False), "init"),
                                      (dict(init="offset", router=True), "init in \\('zero',\\)"),
-                                     (dict(targets=["blocks"]), "not an nn.Linear")])
+                                     (dict(targets=["blocks"]), "not an nn.Linear"),
+                                     (dict(fp32_adapter="False"), "fp32_adapter must be True")])
 def test_bad_inputs_raise(kw, msg):
     args = dict(targets=["q"], r=4) | kw
     model = Tiny()
@@ -100,10 +101,24 @@ def test_routed_merge_raises_and_touches_nothing():
     (({"a": torch.rand(2, 3, 3)}, torch.tensor([0, 1]), 0), "n_tasks=0"),
     (({"a": torch.rand(2, 3, 3)}, torch.tensor([0, 1]), 2, torch.ones(2, 3)), "mask torch.float32"),
     (({"a": torch.rand(2, 3, 3)}, torch.tensor([0, 1]), 2, torch.ones(3, 2, dtype=torch.bool)),
-     "mask: bool of shape \\(2, 3\\)")])
+     "mask: bool or integers of shape \\(2, 3\\)")])
 def test_routing_table_bad_inputs(args, msg):
     with pytest.raises(ValueError, match=msg):
         mh.routing_table(*args)
+
+
+def test_routing_table_takes_lists_numpy_arrays_and_integer_masks():
+    """As the README says, ids and masks may be lists (a list mask raised AttributeError) and a
+    mask may be integer (mask != 0, as HF's attention_mask): the table of the bool tensor mask."""
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    w, ids = {"a": torch.rand(3, 4, 2).softmax(-1)}, torch.tensor([0, 1, 1])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.bool)
+    ref = mh.routing_table(w, ids, 2, mask)
+    for i, m in [(ids.tolist(), mask.tolist()), (ids.numpy(), mask.numpy()),
+                 (ids, mask.long()), (ids, mask.int().numpy() * 7)]:
+        assert torch.equal(mh.routing_table(w, i, 2, m), ref)
+    assert np.asarray(mask).dtype == np.bool_
 
 
 # ----------------------------------------------------------------------------- state dicts, merging
@@ -221,7 +236,48 @@ def test_record_routing_keeps_no_layer_state_and_removes_its_hooks():
             pass
 
 
+def test_a_deepcopy_inside_record_routing_does_not_overwrite_the_records():
+    """copy.deepcopy of the model (e.g. an EMA) inside the block carries the routers' hooks; the
+    copy's forward used to overwrite the original's records: the hooks skip the copy's routers."""
+    import copy
+    model, x = adapted(router=True), torch.randn(2, 5, 12)
+    with mh.record_routing(model) as rec:
+        model(x)
+        want = dict(rec)
+        twin = copy.deepcopy(model)
+        with torch.no_grad():
+            for _, m in mh.multihead_layers(twin):
+                m.router.weight.mul_(-1)
+        twin(x)
+    assert rec.keys() == want.keys() and all(torch.equal(rec[k], want[k]) for k in rec)
+
+
 # ----------------------------------------------------------------------------- dtypes and devices
+
+@pytest.mark.parametrize("router", [False, True])
+def test_a_quantized_base_gets_fp32_adapters_and_merging_is_refused_before_any_change(router):
+    """An nn.Linear with an integer weight (bitsandbytes' 4/8-bit: tests/test_quantized.py): fp32
+    adapters, the start is the base; a router-free merge would write a float update into the
+    integer weight: refused before any layer changes (routed layers refuse as always)."""
+    torch.manual_seed(0)
+    model, x = quantized_tiny(["down"]), torch.randn(2, 3, 12)
+    want = model(x)
+    mh.add_multihead_lora(model, ["q", "up", "down"], r=4, router=router)
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    assert torch.equal(model(x), want)
+    randomize_B(model)
+    adapted_out, weights = model(x), [p.clone() for p in model.parameters()]
+    msg = "routed" if router else (r"cannot merge into a quantized weight \(Int8Linear, torch.int8"
+                                   r"\): dequantize .* then merge_and_unload_multihead_lora")
+    for merge in (lambda: mh.merge_multihead_lora(model),
+                  lambda: mh.merge_and_unload_multihead_lora(model),
+                  model.blocks[0]["down"].merge):
+        with pytest.raises(ValueError, match=msg):
+            merge()
+    assert not any(m.merged for _, m in mh.multihead_layers(model))
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), weights))
+    assert torch.equal(model(x), adapted_out)
+
 
 @pytest.mark.parametrize("kw", VARIANTS)
 def test_dtypes_under_autocast_and_bf16_base(kw):

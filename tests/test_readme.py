@@ -16,7 +16,8 @@ def test_readme_has_examples():
 
 @pytest.mark.parametrize("i", range(len(BLOCKS)))
 def test_readme_python_block_runs(i, tmp_path, monkeypatch):
-    for package in re.findall(r"^(?:from|import) (transformers|peft)", BLOCKS[i], re.M):
+    needs = re.findall(r"^(?:from|import) (transformers|peft|bitsandbytes)", BLOCKS[i], re.M)
+    for package in needs:
         if importlib.util.find_spec(package) is None:
             pytest.skip(f"needs {package} (pip install -r tests/requirements.txt)")
     monkeypatch.chdir(tmp_path)                    # examples may save files

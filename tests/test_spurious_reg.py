@@ -227,3 +227,15 @@ def test_warmup_weight_schedule():
     assert [warmup_weight(s, 100, 10.0) for s in (0, 29, 30, 99, 100)] == [0, 0, 10, 10, 10]
     assert warmup_weight(0, 100, 2.5, warmup=0.0) == 2.5 and warmup_weight(99, 100, 2.5, 1.0) == 0
     assert warmup_weight(49, 100, 1, warmup=0.5) == 0 and warmup_weight(50, 100, 1, 0.5) == 1.0
+
+
+def test_docstring_points_to_where_the_invariance_weight_was_chosen():
+    """The weight choice lives in benchmarks/ (tune_spurious.py, README.md), not the top README."""
+    import os
+    import spurious_reg
+    from helpers import ROOT
+    doc = " ".join(spurious_reg.__doc__.split())
+    assert "benchmarks/tune_spurious.py" in doc and "benchmarks/README.md" in doc
+    assert "see the README" not in doc
+    assert os.path.exists(os.path.join(ROOT, "benchmarks", "tune_spurious.py"))
+    assert "tune_spurious.py" in open(os.path.join(ROOT, "benchmarks", "README.md")).read()

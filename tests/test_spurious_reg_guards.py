@@ -24,7 +24,7 @@ def test_constructor_bad_inputs(kw, msg):
 def test_call_bad_inputs():
     crl = MTCRL(8, 2, 4)
     h, t, e = torch.randn(3, 5, 8), torch.tensor([0, 1, 1]), torch.tensor([0, 0, 1])
-    with pytest.raises(ValueError, match=r"task_ids must be an integer tensor of shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"task_ids must be integers of shape \(3,\)"):
         crl(h, torch.tensor([[0, 1, 1]]))
     with pytest.raises(ValueError, match="shape"):
         crl(h, torch.tensor([0, 1]))
@@ -37,16 +37,38 @@ def test_call_bad_inputs():
     with pytest.raises(ValueError, match=r"mask \(3, 4\) must broadcast to h's tokens \(3, 5\)"):
         crl.decorrelation(h, torch.ones(3, 4, dtype=torch.bool))
     losses = (crl(h, t) ** 2).mean((1, 2))
-    with pytest.raises(ValueError, match=r"env_ids must be an integer tensor of shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"env_ids must be integers of shape \(3,\)"):
         crl.invariance(losses, t, torch.tensor([0, 1]))
     with pytest.raises(ValueError, match="env_ids"):
         crl.invariance(losses, t, torch.tensor([0.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match="per-sample"):
         crl.invariance((crl(h, t) ** 2).mean(-1), t, e)
-    with pytest.raises(ValueError, match=r"task_ids must be an integer tensor of shape \(2,\)"):
+    with pytest.raises(ValueError, match=r"task_ids must be integers of shape \(2,\)"):
         crl.invariance(losses[:2], t, e)
     with pytest.raises(TypeError, match="kind"):                # the risk-variance option is gone
         crl.invariance(losses, t, e, kind="var")
+
+
+def test_ids_may_be_lists_or_numpy_arrays():
+    """As the README says, task and environment ids may be lists (or numpy arrays): the same
+    output, penalties and gradients as with tensors (they were refused)."""
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(0)
+    h, t, e = torch.randn(4, 3, 8), torch.tensor([0, 1, 1, 0]), torch.tensor([0, -1, 1, 1])
+
+    def run(t, e):
+        crl = MTCRL(8, 2, 4)
+        losses = (crl(h, t) - 1).square().mean((1, 2))
+        inv = crl.invariance(losses, t, e)
+        inv.backward()
+        return crl(h, t), inv, crl.G.grad
+    ref = run(t, e)
+    for t2, e2 in [(t.tolist(), e.tolist()), (t.numpy(), e.numpy()),
+                   (np.array([0, 1, 1, 0], dtype=np.int32), [0, -1, 1, 1])]:
+        for a, b in zip(run(t2, e2), ref):
+            assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="task_ids must be integers"):
+        MTCRL(8, 2, 4)(h, [0.0, 1.0, 1.0, 0.0])
 
 
 def test_task_ids_out_of_range_raise():
