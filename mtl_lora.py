@@ -9,6 +9,9 @@ n shared up-projections B_i (d_out x r) are mixed per task by p_t, a softmax ove
 sharpened by the temperature tau. What trains: A, Lam, B, w: r*d_in + T*r*r + n*r*d_out + T*n
 parameters per layer (diagonal Lam: T*r instead of T*r*r). Init (authors' code): A, w ~
 kaiming_uniform(a=sqrt(5)), Lam_t = identity (diagonal: ones), B_i = 0: step 0 equals the base.
+With that init (w_t in +-1/sqrt(n)) and tau = 0.1, p_t starts close to one-hot: each task is
+given mostly to one up-projection, at random (the largest p_{t,i} averages 0.84 for n = 3, and is
+above 0.5 for 97% of tasks; at tau = 1 it averages 0.43).
 Defaults r=8, alpha=16, n=3, tau=0.1: the authors' commonsense script (LLaMA-2-7B, q,k,v,o,
 dropout 0.05). Their other tau values: class default 0.0 (a bug: we require tau > 0), argparse
 default 1.0, image-text script 0.8 (with r=64, n=2).
