@@ -754,18 +754,18 @@ def finite_set(args, tasks):
     if args.method != "none":
         log("a finite training set; epochs: " + ", ".join(f"{t} {e:.1f}" for t, e in
                                                          epochs(args, tasks).items()))
-    return make_batch(tasks, max(sizes(args, tasks).tolist()) * len(tasks), data_seed(
+    return make_batch(tasks, max(set_sizes(args, tasks).tolist()) * len(tasks), data_seed(
         "train-set", args.seed), L, args.rho, device=args.device, env_tasks=args.env_tasks,
         env_source=args.env_source)
 
 
-def sizes(args, tasks):                               # (T,) training samples per task
+def set_sizes(args, tasks):                            # (T,) training samples per task
     return torch.tensor(args.train_samples).expand(len(tasks))
 
 
 def epochs(args, tasks):                              # samples of each task seen / its set's size
     if args.train_samples is not None and args.method != "none":
-        seen = (args.steps * args.batch / len(tasks) / sizes(args, tasks)).tolist()
+        seen = (args.steps * args.batch / len(tasks) / set_sizes(args, tasks)).tolist()
         return {t: e for t, e in zip(tasks, seen) if t in (args.tasks or tasks)}
 
 
@@ -775,11 +775,12 @@ def stream(args, tasks, seed, batch, data_set=None, chosen=None):
     n = batch // WORLD
     keep = None if chosen is None else torch.tensor(
         [i for i in range(n) if tasks[i % len(tasks)] in chosen], device=args.device)
+    sizes = None if data_set is None else set_sizes(args, tasks).to(args.device)   # once
 
     def batch_at(step):
         s = data_seed("train", seed, step) + (RANK << 50)
         if data_set is not None:
-            b = draw(data_set, sizes(args, tasks), n, s)
+            b = draw(data_set, sizes, n, s)
         else:
             b = make_batch(tasks, n, s, L, args.rho, RHO_SHIFT, NOISE, False, args.device,
                            args.env_tasks, args.env_source)
@@ -823,7 +824,7 @@ def eval_splits(args, tasks, data_set):
         splits["train"] = make_batch(tasks, m, data_seed("train-set", args.seed), **kw)
     else:
         j = torch.arange(len(data_set["idx"]), device=args.device) // len(tasks)  # j of its task
-        keep = j < sizes(args, tasks).clamp(max=args.eval_samples).to(args.device)[
+        keep = j < set_sizes(args, tasks).clamp(max=args.eval_samples).to(args.device)[
             data_set["task"]]
         splits["train"] = {k: v[keep] for k, v in data_set.items()}
     for split, seed, shifted in [("val", "val", 0), ("test", "test", 0), ("shift", "test", 1)]:
