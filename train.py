@@ -60,7 +60,8 @@ ANSWER = {   # x (n, L) digits -> answer (n, L) or label (n,)
     "sort_low": lambda x: x.sort(1).values, "sort_high": lambda x: x.sort(1).values,
 }
 SPLIT_SEED = {"train": 1, "val": 2, "test": 3, "train-set": 4}
-L, RHO_SHIFT, NOISE = 8, 0.1, 0.25      # digits per input; has7's shifted agreement, label noise
+L = 8                                   # digits per input
+RHO_SHIFT, NOISE = 0.1, 0.25            # has7's agreement on the shifted split, its label noise
 
 
 def data_seed(split, seed, step=0):
@@ -214,7 +215,8 @@ class Method:                          # what a method adds to the GPT, for trai
 
 def adapt(gpt, args, n_tasks):
     """Put args.method's adapters on the (pre-trained) GPT, in place: one block per method."""
-    m, hp = args.method, dict(r=args.rank, alpha=args.alpha, dropout=args.dropout)
+    m = args.method
+    hp = dict(r=args.rank, alpha=args.alpha, dropout=args.dropout)
     if m == "none":                                                   # the base as it is
         gpt.requires_grad_(False)
         return Method(TaskModel(gpt), state=dict)
@@ -614,7 +616,8 @@ def flag_text(k, v):                                  # e.g. rank2, targetsq+v, 
 def run(args):
     """One run, as a learner reads it: checks, the base, adapt, train, evaluate, save. A finished
     run is reported, never retrained; the bookkeeping is in the helpers below."""
-    tasks, t0 = SUITES[args.suite], time.time()
+    t0 = time.time()
+    tasks = SUITES[args.suite]
     folder = os.path.join(args.out, args.name)
     with claim(folder):                               # one process per run folder; tidy on exit
         done = finished(folder, args)                 # its metrics, reported; or None
@@ -818,7 +821,8 @@ def fit(model, method, args, data_set, start, folder):
 def eval_splits(args, tasks, data_set):
     """eval-samples per task of the training set (finite: its first of each task; unlimited: a
     fresh draw), the validation and test draws and the shifted test draw (--tasks: theirs)."""
-    m, kw = args.eval_samples * len(tasks), dict(L=L, rho=args.rho, device=args.device)
+    m = args.eval_samples * len(tasks)                # samples per split
+    kw = dict(L=L, rho=args.rho, device=args.device)
     splits = {"train": data_set}
     if data_set is None:
         splits["train"] = make_batch(tasks, m, data_seed("train-set", args.seed), **kw)
