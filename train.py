@@ -908,7 +908,8 @@ def load(path, kind, expected, advice):
     try:
         obj = json.load(open(path)) if kind == "metrics" else torch.load(path, "cpu",
                                                                          weights_only=True)
-        parts = [obj[k] for k in need[kind] + ["settings"]] + list(obj.get("accuracy", {}).values())
+        parts = [obj[k] for k in need[kind] + ["settings"]]
+        parts += list((obj.get("accuracy") or {}).values())   # a split's accuracies: a table too
         if not all(isinstance(x, dict) for x in parts):       # e.g. an accuracy of null
             raise ValueError("not one")
         changed = {k: (obj["settings"].get(k), v) for k, v in json.loads(json.dumps(expected))
