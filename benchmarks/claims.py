@@ -3,11 +3,16 @@
     python benchmarks/claims.py                   # every row: both regimes (about 4 hours)
     python benchmarks/claims.py --regime finite --jobs 2   # finite training sets only (about
                                                             # 2.2 hours on 2 cores)
+    python benchmarks/claims.py --regime controls --jobs 2  # each verdict's controls (about
+                                                             # 3 hours on 2 cores)
     python benchmarks/figures.py                  # the pictures, from the results this writes
 
-Two regimes: "unlimited" (a fresh batch every step, the default of train.py: no sample is seen
+Two regimes, and their controls: "unlimited" (a fresh batch every step, the default of train.py: no sample is seen
 twice, so nothing can be overfit) and "finite" (--train-samples: a fixed training set per task,
 drawn from again and again, where a generalization gap can open); every row names its size.
+The controls (finite regime) ask why each verdict holds: every method against LoRA at the same
+dropout and at its best dropout chosen on validation, each task trained alone, the ablation that
+removes each method's key ingredient, Align-LoRA's weight swept, and a related-task suite.
 
 Every claim compares two settings over the same seeds (3 by default). A run is train.py's run()
 on its default 1000 steps; finished runs (also compare.py's) are reused, so an interrupted claims
@@ -19,7 +24,7 @@ the per-seed values minus the threshold the same way, without the 0.5 margin. "C
 claims (a is not worse than b) hold when mean(d) - 2 se > -0.5 points and do not hold when
 mean(d) + 2 se < -0.5 points.
 Writes <out>/claims.md (the table) and <out>/claims.json (every run's metrics, for the figures);
-with --regime unlimited or finite, claims-<regime>.md and .json.
+with --regime unlimited, finite or controls, claims-<regime>.md and .json.
 """
 import argparse
 import concurrent.futures
