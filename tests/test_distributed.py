@@ -28,21 +28,13 @@ import torch.distributed as dist
 
 import distributed_worker as W
 
-pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
-                                reason="needs torch.distributed with the gloo backend")
+pytestmark = [pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                 reason="needs torch.distributed with the gloo backend"),
+              pytest.mark.usefixtures("one_thread")]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENGINES = ["ddp", "fsdp2"]
 PER_BATCH = ("align", "mtcrl")              # statistics of the batch: per process under an engine
 TOL = dict(atol=1e-6, rtol=1e-5)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: on a busy machine more threads only wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
 """What a GPU run does, checked on the CPU: bf16 autocast through every method, no host read of
 a tensor value in a training step, and torch.compile of a step."""
 import os
-import sys
 
 import pytest
 import torch

@@ -15,6 +15,8 @@ import mtl_lora
 import multihead_lora as mh
 import spurious_reg
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 transformers = pytest.importorskip("transformers")
 load_file = pytest.importorskip("safetensors.torch").load_file     # comes with transformers
 
@@ -49,15 +51,6 @@ UNLOAD = {"lora": lambda m: lora.merge_and_unload_lora(m),
 ADAPTER_CLASSES = (lora.LoRALinear, mh.MultiHeadLoRALinear, mtl_lora.MTLLoRALinear)
 TASK, TASK_1 = torch.tensor([0, 1, 0, 1]), torch.tensor([1, 1, 1, 1])   # TASK_1: the MTL merge's
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small run faster on one thread, and steadily on a busy machine (two threads
-    that wait on each other made a forward pass ~100x slower on a shared 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def tiny(family, seed=0, **config):

@@ -27,7 +27,8 @@ except Exception as e:                  # not installed, or a build that cannot 
     pytest.skip(f"needs bitsandbytes and transformers (pip install -r tests/requirements.txt): "
                 f"{type(e).__name__}: {e}", allow_module_level=True)
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")   # bitsandbytes' casting notes
+pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),    # bitsandbytes' casting notes
+              pytest.mark.usefixtures("one_thread")]
 KINDS = ("4bit", "8bit")
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 NAMES = [f"model.layers.{i}.{n}" for i in range(2)
@@ -50,14 +51,6 @@ REFUSAL = r"cannot merge into a quantized weight \(Linear(4bit|8bitLt), torch\.u
           r"dequantize the model first \(transformers: model = model\.dequantize\(\)\), then " \
           r"merge_and_unload_\w+\(model\)"
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Models this small run faster on one thread, and steadily on a busy machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
