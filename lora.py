@@ -157,7 +157,8 @@ def _is_num(x, lo, hi):                        # a real number in [lo, hi) (not 
 
 def _adapter_dtype(base, fp32_adapter):
     """fp32 on a half-precision (bf16/fp16) or quantized (integer weight: bitsandbytes 4/8-bit)
-    base unless fp32_adapter=False; else the base's dtype (quantized: its compute dtype)."""
+    base unless fp32_adapter=False; else the base's dtype (quantized: its compute dtype; an 8-bit
+    layer has none, so its bias's dtype, or fp32 without a bias)."""
     if not isinstance(fp32_adapter, bool):
         raise ValueError(f"fp32_adapter must be True or False, got {fp32_adapter!r}")
     W = base.weight
@@ -175,7 +176,8 @@ def _refuse_quantized(layers, unload):
     if q is not None:
         raise ValueError(f"cannot merge into a quantized weight ({type(q).__name__}, "
                          f"{q.weight.dtype}): dequantize the model first (transformers: model = "
-                         f"model.dequantize()), then {unload}(model); or serve it unmerged")
+                         f"model.dequantize(dtype=torch.float32)), then {unload}(model); or serve "
+                         f"it unmerged")
 
 
 def _find_targets(model, targets):
@@ -319,7 +321,7 @@ def _load_adapters(model, state, own, layers, add):
 #   as transformers loads them; QLoRA) gets fp32 adapters too (fp32_adapter=False: the layer's
 #   compute dtype); no bitsandbytes import. Merging into it is refused before any change (the
 #   packed weight cannot take a float update): dequantize first (transformers'
-#   model.dequantize()), then merge and unload.
+#   model.dequantize(dtype=torch.float32)), then merge and unload.
 # - merge() forms s B A in fp32 and casts once; in bf16, merge then unmerge restores W0 only to
 #   bf16 rounding (peft has the same limit). A merged layer keeps the A and B it folded in as
 #   buffers (folded_A, folded_B), so unmerge() is exact even if they change, and a merged model

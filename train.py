@@ -243,8 +243,8 @@ def adapt(gpt, args, n_tasks):
     if m == "mtl":                                                    # reads the task ids
         mtl_lora.add_mtl_lora(gpt, 1 if args.shared_id else n_tasks, args.targets, n_up=args.n_up,
                               tau=args.temperature, diagonal=args.diagonal, **hp)
-        for layer in mtl_lora.mtl_layers(gpt):
-            if args.task_transform != "learned":                      # the ablations of Lam_t
+        for layer in mtl_lora.mtl_layers(gpt):                        # ablations (the controls):
+            if args.task_transform != "learned":                      # Lam_t frozen, or split
                 freeze_lambda(layer, args.task_transform)
             if args.n_up == 1:                # p_t = softmax of one logit = 1: w_t cannot learn
                 layer.lora_w.requires_grad_(False)
@@ -463,7 +463,7 @@ FLAGS = [   # (group, flag, default, a type or the choices, help); a method's gr
     ("mtl", "--diagonal", False, bool, "diagonal task transforms Lam_t"),
     ("mtl", "--shared-id", False, bool, "every sample gets task id 0 (the control for ids)"),
     ("mtl", "--task-transform", "learned", ["learned", "identity", "split"], "Lam_t learned, "
-     "or frozen: at I, or split: task t keeps its r/T rows of A (with --n-up 1: T LoRAs of "
+     "or frozen: at I, or split: task t keeps its r/T rows of A (needs --n-up 1: T LoRAs of "
      "rank r/T, HydraLoRA's LoRA-Split)"),
     ("align", "--align-loss", "kl", ["kl", "mmd"], "the alignment loss"),
     ("align", "--align-weight", 0.2, between(0, 1e4), "lambda of L_task + lambda L_align"),
@@ -641,7 +641,7 @@ def run(args):
         acc = evaluate(model, eval_splits(args, tasks, data_set), tasks)
         shown = args.tasks or tasks
         log(report(acc, shown), examples(model, test_sample(args, tasks, 2), tasks), sep="\n")
-        learned = what_it_learned(method, test_sample(args, tasks, 200), shown)
+        learned = what_it_learned(method, test_sample(args, tasks, 200), tasks)
 
         metrics = dict(name=args.name, method=args.method, suite=args.suite, seed=args.seed,
                        trainable=n_train, base_params=n_base, accuracy=acc, learned=learned,
@@ -677,19 +677,7 @@ def claim(folder):
     try:
         done = os.path.exists(os.path.join(folder, "metrics.json"))
         if RANK == 0 and not done:                    # process 0 writes (under torchrun)
-            try:
-                os.makedirs(folder, exist_ok=True)
-                lock = open(os.path.join(folder, ".lock"), "a")
-            except OSError as e:
-                raise SystemExit(f"error: cannot write in {folder}: {e}")
-            try:
-                if fcntl is not None:
-                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                lock.close()
-                lock = None                           # another's: not ours to remove
-                raise SystemExit(f"error: another process is running {folder} now: let it "
-                                 "finish (its lock goes when it stops, even if killed)")
+            lock = lock_folder(folder)
             for stale in glob.glob(os.path.join(glob.escape(folder), "*.tmp")):
                 os.remove(stale)
         yield
@@ -700,6 +688,31 @@ def claim(folder):
         for d in reversed(new):
             if os.path.isdir(d) and not os.listdir(d):
                 os.rmdir(d)
+
+
+def lock_folder(folder):
+    """An open <folder>/.lock that this process holds; the holder removes it on the way out, so a
+    lock taken on a file already removed is dropped and taken again on the new one."""
+    path = os.path.join(folder, ".lock")
+    while True:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            lock = open(path, "a")
+        except OSError as e:
+            raise SystemExit(f"error: cannot write in {folder}: {e}")
+        try:
+            if fcntl is not None:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise SystemExit(f"error: another process is running {folder} now: let it "
+                             "finish (its lock goes when it stops, even if killed)")
+        try:
+            if os.path.samestat(os.fstat(lock.fileno()), os.stat(path)):
+                return lock
+        except FileNotFoundError:
+            pass
+        lock.close()
 
 
 def parents(folder):                                  # the folder and those above it, top first
@@ -852,8 +865,9 @@ def only(b, tasks, chosen):                           # the chosen tasks' sample
 
 @torch.no_grad()
 def what_it_learned(method, b, tasks):
-    """What a method's task-specific parts learned (per layer, or task x head / B_i / module)
-    and what it monitors (L_align), logged, in plain numbers for metrics.json."""
+    """What a method's task-specific parts learned (per layer, or task x head / B_i / module;
+    a row per task of the suite, --tasks or not) and what it monitors (L_align), logged, in plain
+    numbers for metrics.json."""
     learned = {} if method.learned is None else method.learned(b)
     for k, v in learned.items():
         if isinstance(v, dict):
@@ -862,9 +876,10 @@ def what_it_learned(method, b, tasks):
             learned[k] = v.item()
             log(f"{k}: {learned[k]:.4g}")
         else:
-            learned[k] = v.tolist()
+            learned[k] = v.tolist()                   # a row per task of the suite, or one
+            rows = tasks if len(learned[k]) == len(tasks) else ["(one id)"]   # --shared-id
             log(f"{k}, task x column:\n" + "\n".join(f"  {t:<12}" + "".join(
-                f"{x:8.3f}" for x in row) for t, row in zip(tasks, learned[k])))
+                f"{x:8.3f}" for x in row) for t, row in zip(rows, learned[k])))
     return learned
 
 
@@ -904,11 +919,14 @@ def save(path, obj):
 def load(path, kind, expected, advice):
     """A file train.py wrote (kind: "metrics", "checkpoint" or "base") with the `expected`
     settings, or one line that names it and what differs."""
-    need = {"metrics": ["accuracy"], "checkpoint": ["trainable", "opt"], "base": ["state_dict"]}
+    tables = {"metrics": ["accuracy"], "checkpoint": ["trainable", "opt"],
+              "base": ["state_dict"]}[kind] + ["settings"]
     try:
         obj = json.load(open(path)) if kind == "metrics" else torch.load(path, "cpu",
                                                                          weights_only=True)
-        parts = [obj[k] for k in need[kind] + ["settings"]]
+        if kind == "checkpoint" and not {"step", "rng", "losses"} <= set(obj):   # resume reads
+            raise KeyError("step, rng or losses")
+        parts = [obj[k] for k in tables]
         parts += list((obj.get("accuracy") or {}).values())   # a split's accuracies: a table too
         if not all(isinstance(x, dict) for x in parts):       # e.g. an accuracy of null
             raise ValueError("not one")

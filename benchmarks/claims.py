@@ -7,9 +7,10 @@
                                                              # 3 hours on 2 cores)
     python benchmarks/figures.py                  # the pictures, from the results this writes
 
-Two regimes, and their controls: "unlimited" (a fresh batch every step, the default of train.py: no sample is seen
-twice, so nothing can be overfit) and "finite" (--train-samples: a fixed training set per task,
-drawn from again and again, where a generalization gap can open); every row names its size.
+Two regimes, and their controls: "unlimited" (a fresh batch every step, the default of train.py: no
+sample is seen twice, so nothing can be overfit) and "finite" (--train-samples: a fixed training
+set per task, drawn from again and again, where a generalization gap can open); every row names its
+size.
 The controls (finite regime) ask why each verdict holds: every method against LoRA at the same
 dropout and at its best dropout chosen on validation, each task trained alone, the ablation that
 removes each method's key ingredient, Align-LoRA's weight swept, and a related-task suite.
@@ -342,10 +343,13 @@ def claims_table(results, claims=CLAIMS):
         if isinstance(b, float):
             d, margin = [x - b for x in xa], 0.0
             result = f"{fmt(xa, 3)} (threshold {b})"
-        else:
-            xb = [metric(m) for m in results[b]]
+        else:                                     # paired by seed, on the seeds both have
+            xb = {m["seed"]: metric(m) for m in results[b]}
+            both = [m["seed"] for m in results[a] if m["seed"] in xb]
+            seeds = "" if len(both) == len(xa) == len(xb) else f" (the {len(both)} seeds of both)"
+            xa, xb = [metric(m) for m in results[a] if m["seed"] in xb], [xb[s] for s in both]
             d, margin = [x - y for x, y in zip(xa, xb)], 0.5
-            result = f"{a}: {fmt(xa)} vs {b}{chosen}: {fmt(xb)}; difference {fmt(d)}"
+            result = f"{a}: {fmt(xa)} vs {b}{chosen}: {fmt(xb)}; difference {fmt(d)}{seeds}"
         lines.append(f"| {paper} | {claim} | {setting} | {METRIC[metric]} | {result} "
                      f"| {verdict(d, margin, competitive)} |")
     return "\n".join(lines)
@@ -425,10 +429,11 @@ def main():
     runs = {k: v for k, v in every.items() if k in {u.lstrip("~") for u in used}}
     common = ["--out", args.out] + (["--base", args.base] if args.base else [])
     todo, cost = plan(runs, args.seeds, common)
-    print(f"{sum(args.seeds or n for _, _, n in runs.values())} runs, {len(todo)} to train: "
+    total = sum(args.seeds or n for _, _, n in runs.values())
+    print(f"{total} runs, {len(todo)} to train: "
           f"about {cost * 2 / args.jobs / 60:.1f} h at --jobs {args.jobs} on a 2-core CPU "
           f"({cost:.0f} one-thread LoRA runs of about 2 min)", flush=True)
-    runner = compare.Runner(common, [], range(args.seeds or 3), len(todo))
+    runner = compare.Runner(common, [], range(args.seeds or 3), total)
     if args.jobs > 1:
         prerun(todo, args.jobs)
     results = {label: runner(label, flags + ["--suite", suite], range(args.seeds or n))

@@ -37,8 +37,8 @@ def test_competitive_means_not_clearly_worse():
 def fake_run(label, suite, i):
     tasks = claims.train.SUITES[suite]
     acc = dict.fromkeys(tasks, 0.9 - 0.01 * i)
-    return {"suite": suite, "accuracy": {"test": acc, "train": dict.fromkeys(tasks, 0.95),
-                                         "shift": {"has7": 0.5 + 0.01 * i}},
+    accuracy = {"test": acc, "train": dict.fromkeys(tasks, 0.95), "shift": {"has7": 0.5 + 0.01 * i}}
+    return {"suite": suite, "seed": i, "accuracy": accuracy,
             "learned": {"head_similarity": {"a": 0.9, "b": 0.95}},
             "settings": {"train_samples": None}, "losses": [[25, 1.0]]}
 

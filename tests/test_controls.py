@@ -171,8 +171,8 @@ def fake(label, i, val=0.5, test=0.5):
     tasks = train.SUITES[suite]
     acc = {s: dict.fromkeys(tasks, v) for s, v in [("val", val), ("test", test + 0.01 * i),
                                                    ("train", 0.9), ("shift", 0.5)]}
-    return {"suite": suite, "accuracy": acc, "learned": {"alignment_loss": 0.1 * (i + 1)},
-            "settings": {"train_samples": None}}
+    return {"suite": suite, "seed": i, "accuracy": acc,
+            "learned": {"alignment_loss": 0.1 * (i + 1)}, "settings": {"train_samples": None}}
 
 
 def test_every_control_row_has_its_runs_and_a_verdict():
@@ -194,6 +194,18 @@ def test_the_best_lora_is_chosen_on_validation_never_on_test():
     line = claims.claims_table(results, [row]).splitlines()[2]
     assert "vs lora low (the best on validation of lora low and lora low d0.1): 51.0" in line
     assert "holds here" in line                                       # dropout 0: best on val
+
+
+def test_a_row_pairs_the_seeds_both_settings_have_and_says_so():
+    results = {"mtl low": [fake("mtl low", i, test=0.90 - 0.1 * (i > 2)) for i in range(5)],
+               "mtl low n=1": [fake("mtl low n=1", i, test=0.80) for i in range(3)]}
+    row = ("MTL-LoRA", "claim", "setting", claims.low_task, "mtl low", "mtl low n=1")
+    line = claims.claims_table(results, [row]).splitlines()[2]
+    # seeds 0-2 only: 90.0, 91.0, 92.0 against 80.0, 81.0, 82.0 (seeds 3, 4 at 83, 84 left out)
+    assert "mtl low: 91.0 ± 1.0 vs mtl low n=1: 81.0 ± 1.0; difference 10.0 ± 0.0 (the 3 " \
+           "seeds of both)" in line, line
+    results["mtl low"] = results["mtl low"][:3]
+    assert "seeds of both" not in claims.claims_table(results, [row])
 
 
 def test_the_plan_counts_its_runs_and_their_time(tmp_path):

@@ -48,7 +48,8 @@ ADAPT = {   # method -> (adapt, adapter tensors only, load them, merge and unloa
             lambda m: mtl_lora.merge_and_unload_mtl_lora(m, 1)),
 }
 REFUSAL = r"cannot merge into a quantized weight \(Linear(4bit|8bitLt), torch\.u?int8\): " \
-          r"dequantize the model first \(transformers: model = model\.dequantize\(\)\), then " \
+          r"dequantize the model first \(transformers: model = model\.dequantize\(" \
+          r"dtype=torch\.float32\)\), then " \
           r"merge_and_unload_\w+\(model\)"
 
 
@@ -72,8 +73,8 @@ def load(path, kind, **config):
     try:
         model = transformers.LlamaForCausalLM.from_pretrained(path, quantization_config=q,
                                                               device_map="cpu")
-    except Exception as e:
-        pytest.skip(f"bitsandbytes cannot load a {kind} model here: {type(e).__name__}: {e}")
+    except ImportError as e:                                  # anything else is a failure
+        pytest.skip(f"bitsandbytes cannot load a {kind} model here: {e}")
     return model.train()
 
 
