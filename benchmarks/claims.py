@@ -406,6 +406,20 @@ def prerun(todo, jobs):
         list(pool.map(one, todo))
 
 
+def runs_for(rows):
+    """{label: (suite, flags, seeds)} of the runs that the tables `rows` ({regime: claims}) use:
+    3 seeds each, the controls' own counts where the controls are asked for (so with --regime
+    all, the low-resource runs that the finite rows share with the controls count 5 seeds)."""
+    every = {k: (suite, flags, 3) for k, (suite, flags) in (RUNS | FINITE).items()}
+    every |= CONTROLS if "controls" in rows else {}
+    used = {label for claims in rows.values() for row in claims
+            for label in [row[4], *(row[5] if isinstance(row[5], tuple) else [row[5]])]
+            if isinstance(label, str)}
+    used |= {label for by_weight in SWEEPS.values() for label in by_weight.values()} \
+        if "controls" in rows else set()
+    return {k: v for k, v in every.items() if k in {u.lstrip("~") for u in used}}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -420,13 +434,7 @@ def main():
     t0 = time.perf_counter()
     rows = {"unlimited": CLAIMS, "finite": CLAIMS_FINITE, "controls": CLAIMS_CONTROLS}
     rows = rows if args.regime == "all" else {args.regime: rows[args.regime]}
-    every = {k: (suite, flags, 3) for k, (suite, flags) in (RUNS | FINITE).items()} | CONTROLS
-    used = {label for claims in rows.values() for row in claims
-            for label in [row[4], *(row[5] if isinstance(row[5], tuple) else [row[5]])]
-            if isinstance(label, str)}
-    used |= {label for by_weight in SWEEPS.values() for label in by_weight.values()} \
-        if "controls" in rows else set()
-    runs = {k: v for k, v in every.items() if k in {u.lstrip("~") for u in used}}
+    runs = runs_for(rows)
     common = ["--out", args.out] + (["--base", args.base] if args.base else [])
     todo, cost = plan(runs, args.seeds, common)
     total = sum(args.seeds or n for _, _, n in runs.values())

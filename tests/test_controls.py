@@ -208,6 +208,14 @@ def test_a_row_pairs_the_seeds_both_settings_have_and_says_so():
     assert "seeds of both" not in claims.claims_table(results, [row])
 
 
+def test_each_regime_keeps_its_seed_counts():
+    finite = claims.runs_for({"finite": claims.CLAIMS_FINITE})
+    controls = claims.runs_for({"controls": claims.CLAIMS_CONTROLS})
+    assert finite["lora low"][2] == 3 and controls["lora low"][2] == 5     # the finite table: 3
+    assert controls["align low w0"][2] == 3 and "r align w0" in controls   # the sweeps' runs too
+    assert not set(claims.runs_for({"unlimited": claims.CLAIMS})) & set(claims.CONTROLS)
+
+
 def test_the_plan_counts_its_runs_and_their_time(tmp_path):
     runs = {k: claims.CONTROLS[k] for k in ["lora low", "lora low alone inc", "r align mmd"]}
     todo, cost = claims.plan(runs, None, ["--out", str(tmp_path)])
