@@ -1,6 +1,7 @@
 """Each paper's headline claim, tested on our benchmark: one table row per claim, with a verdict.
 
-    python benchmarks/claims.py                   # every row: both regimes (about 4 hours)
+    python benchmarks/claims.py                   # every row: both regimes and the controls
+                                                  # (about 10 hours; the plan is printed first)
     python benchmarks/claims.py --regime finite --jobs 2   # finite training sets only (about
                                                             # 2.2 hours on 2 cores)
     python benchmarks/claims.py --regime controls --jobs 2  # each verdict's controls (about
