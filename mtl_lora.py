@@ -120,7 +120,7 @@ class MTLLoRALinear(nn.Module):
         dW = self.scaling * torch.einsum("i,ior->or", p_t, B.float()) @ Lam_t @ A.float()
         return dW.to(self.base.weight.device)
 
-    def _check_task(self, task):
+    def _check_merge(self, task):                     # before any change: W0 float, task valid
         _refuse_quantized([self], "merge_and_unload_mtl_lora")
         if not (_is_int(task, 0) and task < self.n_tasks):
             raise ValueError(f"merge needs one task id, an int in [0, {self.n_tasks}), "
@@ -132,7 +132,7 @@ class MTLLoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self, task: int):
         """W_t = W0 + s (sum_i p_{t,i} B_i) Lam_t A (merging twice for the same task is a no-op)."""
-        self._check_task(task)
+        self._check_merge(task)
         task = int(task)
         if not self.merged:
             self.folded_task = torch.tensor([task], device=self.folded_task.device)
@@ -215,7 +215,7 @@ def merge_mtl_lora(model: nn.Module, task: int):
     """Fold task `task`'s update into every layer's weight (all checked before any change)."""
     layers = mtl_layers(model)
     for m in layers:
-        m._check_task(task)
+        m._check_merge(task)
     for m in layers:
         m.merge(task)
 

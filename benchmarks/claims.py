@@ -345,11 +345,12 @@ def claims_table(results, claims=CLAIMS):
             d, margin = [x - b for x in xa], 0.0
             result = f"{fmt(xa, 3)} (threshold {b})"
         else:                                     # paired by seed, on the seeds both have
-            xb = {m["seed"]: metric(m) for m in results[b]}
-            both = [m["seed"] for m in results[a] if m["seed"] in xb]
-            seeds = "" if len(both) == len(xa) == len(xb) else f" (the {len(both)} seeds of both)"
-            xa, xb = [metric(m) for m in results[a] if m["seed"] in xb], [xb[s] for s in both]
-            d, margin = [x - y for x, y in zip(xa, xb)], 0.5
+            of_b = {m["seed"]: metric(m) for m in results[b]}
+            pairs = [(x, of_b[m["seed"]]) for x, m in zip(xa, results[a]) if m["seed"] in of_b]
+            n = len(pairs)
+            seeds = "" if n == len(xa) == len(of_b) else f" (the {n} seeds of both)"
+            xa, xb = [x for x, _ in pairs], [y for _, y in pairs]
+            d, margin = [x - y for x, y in pairs], 0.5
             result = f"{a}: {fmt(xa)} vs {b}{chosen}: {fmt(xb)}; difference {fmt(d)}{seeds}"
         lines.append(f"| {paper} | {claim} | {setting} | {METRIC[metric]} | {result} "
                      f"| {verdict(d, margin, competitive)} |")
