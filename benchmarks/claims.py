@@ -391,15 +391,15 @@ def plan(runs, seeds, common):
     return todo, cost
 
 
-def prerun(todo, jobs):
-    """Train the runs `jobs` at a time, each a train.py process on one thread (on a 2-core CPU,
+def prerun(todo, jobs, script=TRAIN):
+    """Train the runs `jobs` at a time, each a `script` process (train.py) on one thread (on a 2-core CPU,
     two one-thread runs do 1.4x the steps of one two-thread run; a run's last digits depend on
     its thread count). The runner then reads them back as finished runs."""
     env, t0 = dict(os.environ, OMP_NUM_THREADS="1"), time.perf_counter()
 
     def one(item):
         what, argv = item
-        res = subprocess.run([sys.executable, TRAIN] + argv, env=env, capture_output=True,
+        res = subprocess.run([sys.executable, script] + argv, env=env, capture_output=True,
                              text=True)
         if res.returncode:
             raise SystemExit(f"{what} failed:\n{res.stderr[-2000:]}")

@@ -1,0 +1,270 @@
+"""The controls of claims.py, on real text: MiniLM and three suites (benchmarks/realtext.py).
+
+    bash benchmarks/setup_realtext.sh
+    python benchmarks/realtext_claims.py --jobs 2          # the plan is printed first
+    python benchmarks/realtext_claims.py --plan            # only the plan
+
+Every row is claims.py's: two settings over the same seeds, paired by seed, with its verdict
+rule (claims.verdict: "holds here" when mean(d) - 2 se > 0 and mean(d) > 0.5 points, "does not
+hold here" when mean(d) + 2 se < 0.5, else "cannot tell"; "~": a is competitive with b). The
+settings, each a realtext.py run (150 steps of 16 texts, 48 tokens at most, r=8 on all 36
+linear layers): every method at LoRA dropout 0 and 0.1 against LoRA at the same dropout and at
+its best dropout chosen on validation; each task alone on the same samples; LoRA-Split (one LoRA
+of rank 4 per task) and a LoRA of rank 16, both about the size of the divided adapters;
+MTL-LoRA with one shared id; Align-LoRA's weight at 0, 0.02 and 0.2 with its final L_align;
+HydraLoRA's routing per task; MT-CRL without its IRM penalty; full fine-tuning and the frozen
+base with heads only. The low-resource variants train one task on 64 texts and the others on
+1000 (party: its 652). Finished runs are reused, so an interrupted table continues.
+Writes <out>/realtext-claims.md and .json.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import claims  # noqa: E402
+import compare  # noqa: E402
+import realtext  # noqa: E402
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "realtext.py")
+U, S, H = "unrelated", "domains", "heldout"
+LOW = {U: "sentiment", S: "movies"}
+SIZES = {U: "1000,sentiment=64,party=652", S: "1000,movies=64", H: "1000"}
+PREFIX = {U: "u", S: "s", H: "h"}
+LORA, MTL, HYDRA = ["--method", "lora"], ["--method", "mtl"], ["--method", "multihead"]
+MLORA, ALIGN = HYDRA + ["--no-router"], ["--method", "align"]
+SPLIT = MTL + ["--n-up", "1", "--task-transform", "split", "--rank", "16"]
+D01 = ["--dropout", "0.1"]
+
+
+def runs_of(suite, spec):
+    """{label: (flags, seeds)} from [(kind, flags, seeds)], at d0 and, where asked, d0.1."""
+    p, out = PREFIX[suite], {}
+    for kind, flags, seeds, both in spec:
+        base = flags + ["--suite", suite, "--train-samples", SIZES[suite]]
+        out[f"{p} {kind}"] = (base, seeds)
+        if both:
+            out[f"{p} {kind} d0.1"] = (base + D01, seeds)
+    return out
+
+
+RUNS = {
+    **runs_of(U, [("lora", LORA, 5, True), ("mtl", MTL, 5, True), ("align", ALIGN, 5, True),
+                  ("hydra", HYDRA, 3, True), ("mlora", MLORA, 3, True),
+                  ("align mmd", ALIGN + ["--align-loss", "mmd"], 3, False),
+                  ("align w0", ALIGN + ["--align-weight", "0"], 3, False),
+                  ("align w0.02", ALIGN + ["--align-weight", "0.02"], 3, False),
+                  ("mtl shared-id", MTL + ["--shared-id"], 3, False),
+                  ("lora-split r16", SPLIT, 3, False), ("lora r16", LORA + ["--rank", "16"], 3,
+                                                        False),
+                  ("full", ["--method", "full"], 3, False), ("none", ["--method", "none"], 3,
+                                                             False),
+                  *[(f"lora alone {t}", LORA + ["--tasks", t], 5 if t == LOW[U] else 3, False)
+                    for t in realtext.SUITES[U]]]),
+    **runs_of(S, [("lora", LORA, 5, True), ("align", ALIGN, 5, True),
+                  ("align w0", ALIGN + ["--align-weight", "0"], 3, False),
+                  ("align w0.02", ALIGN + ["--align-weight", "0.02"], 3, False),
+                  ("align mmd", ALIGN + ["--align-loss", "mmd"], 3, False),
+                  ("mtl", MTL, 3, False), ("hydra", HYDRA, 3, False), ("mlora", MLORA, 3, False),
+                  ("full", ["--method", "full"], 3, False), ("none", ["--method", "none"], 3,
+                                                             False),
+                  *[(f"lora alone {t}", LORA + ["--tasks", t], 5 if t == LOW[S] else 3, False)
+                    for t in realtext.SUITES[S]]]),
+    **runs_of(H, [("lora", LORA, 5, False), ("spurious", ["--method", "spurious"], 5, False),
+                  ("spurious no-IRM", ["--method", "spurious", "--invariance-weight", "0"], 3,
+                   False),
+                  ("spurious w10", ["--method", "spurious", "--invariance-weight", "10"], 3,
+                   False),
+                  ("align", ALIGN, 3, False), ("mtl", MTL, 3, False),
+                  ("mtl shared-id", MTL + ["--shared-id"], 3, False), ("hydra", HYDRA, 3, False),
+                  ("mlora", MLORA, 3, False), ("full", ["--method", "full"], 3, False),
+                  ("none", ["--method", "none"], 3, False)]),
+}
+
+
+def acc_of(task, what=None):
+    """The metric: one task's accuracy, %."""
+    def metric(m, split="test"):
+        return m["accuracy"][split][task] * 100
+    claims.METRIC[metric] = what or f"{task}'s test accuracy, %"
+    return metric
+
+
+def avg(m, split="test"):
+    tasks = realtext.SUITES[m["suite"]]
+    return sum(m["accuracy"][split][t] for t in tasks) / len(tasks) * 100
+
+
+def seen(m, split="test"):                         # heldout: the validation of the seen domains
+    return avg(m, split)
+
+
+claims.METRIC[avg] = "mean test accuracy over the suite's tasks, %"
+u_low, s_low = acc_of(LOW[U]), acc_of(LOW[S])
+unseen = acc_of("movies", "movies' test accuracy (never trained on), mean over the 3 ids, %")
+SET = {U: "unrelated, r=8, sentiment 64, the others 1000", S: "domains, r=8, movies 64, the "
+       "others 1000", H: "heldout: tweets, amazon, nyt 1000 each; movies unseen"}
+BEST = {s: (f"{PREFIX[s]} lora", f"{PREFIX[s]} lora d0.1") for s in (U, S)}
+DIVIDE = [("MTL-LoRA", "divide per task", "mtl"), ("HydraLoRA", "divide, routed", "hydra"),
+          ("Align-LoRA", "M-LoRA: divide, averaged", "mlora"),
+          ("Align-LoRA", "align: KL, lambda 0.2", "align")]
+
+
+def low_rows(suite, metric, divide):
+    p, out = PREFIX[suite], []
+    if suite == U:
+        out.append(("LoRA", "dropout 0.1 helps the low-resource task", SET[U], metric,
+                    f"{p} lora d0.1", f"{p} lora"))
+    for paper, what, k in divide:
+        for d in ["", " d0.1"]:
+            if f"{p} {k}{d}" in RUNS:
+                out.append((paper, f"helps the low-resource task more than LoRA at the same "
+                            f"dropout {d.strip(' d') or '0'} ({what})", SET[suite], metric,
+                            f"{p} {k}{d}", f"{p} lora{d}"))
+                out.append((paper, f"helps the low-resource task more than LoRA at its best "
+                            f"dropout, at dropout {d.strip(' d') or '0'} ({what})", SET[suite],
+                            metric, f"{p} {k}{d}", BEST[suite]))
+    return out
+
+
+CLAIMS = [
+    *low_rows(U, u_low, DIVIDE),
+    ("MTL-LoRA", "ablation: its gain needs task ids (one shared id)", SET[U], u_low, "u mtl",
+     "u mtl shared-id"),
+    *[(paper, "beats LoRA-Split (4 LoRAs of rank 4, one per task) at about equal parameters",
+       SET[U], metric, f"u {k}", "u lora-split r16") for paper, k in [("MTL-LoRA", "mtl"),
+                                                                       ("HydraLoRA", "hydra")]
+      for metric in (u_low, avg)],
+    *[("Align-LoRA", f"one LoRA of higher rank (r=16) is competitive with {name} at about "
+       "equal parameters", SET[U], avg, "u lora r16", f"~u {k}")
+      for name, k in [("MTL-LoRA", "mtl"), ("HydraLoRA", "hydra"), ("M-LoRA", "mlora")]],
+    ("Align-LoRA", "beats LoRA at the same rank (MMD, lambda 0.2)", SET[U], u_low,
+     "u align mmd", "u lora"),
+    *[("multi-task", f"training {t} with the other tasks beats training it alone (transfer)",
+       f"{SET[U]}; {t} alone sees the same samples", acc_of(t), "u lora", f"u lora alone {t}")
+      for t in realtext.SUITES[U]],
+    ("LoRA", "adapters beat the frozen base with heads only", SET[U], avg, "u lora", "u none"),
+    ("LoRA", "is competitive with full fine-tuning", SET[U], avg, "u lora", "~u full"),
+    *[(paper, f"beats LoRA on one skill across domains at the same dropout {d or '0'} ({what})",
+       SET[S], metric, f"s {k}{d and ' d0.1'}", f"s lora{d and ' d0.1'}")
+      for paper, what, k, ds in [("Align-LoRA", "KL, lambda 0.2", "align", ["", "0.1"]),
+                                 ("Align-LoRA", "KL, lambda 0.02", "align w0.02", [""]),
+                                 ("Align-LoRA", "MMD, lambda 0.2", "align mmd", [""]),
+                                 ("MTL-LoRA", "divide per task", "mtl", [""]),
+                                 ("HydraLoRA", "divide, routed", "hydra", [""]),
+                                 ("Align-LoRA", "M-LoRA: divide, averaged", "mlora", [""])]
+      for d in ds for metric in (s_low, avg)],
+    *[("Align-LoRA", f"beats LoRA on one skill across domains at its best dropout, at dropout "
+       f"{d or '0'} (KL, lambda 0.2)", SET[S], s_low, f"s align{d and ' d0.1'}", BEST[S])
+      for d in ["", "0.1"]],
+    *[("multi-task", f"training {t} with the other domains beats training it alone (transfer)",
+       f"{SET[S]}; {t} alone sees the same samples", acc_of(t), "s lora", f"s lora alone {t}")
+      for t in realtext.SUITES[S]],
+    ("LoRA", "adapters beat the frozen base with heads only", SET[S], avg, "s lora", "s none"),
+    ("LoRA", "is competitive with full fine-tuning", SET[S], avg, "s lora", "~s full"),
+    ("MT-CRL", "raises accuracy on an unseen domain over LoRA (environments: the domains)",
+     SET[H], unseen, "h spurious", "h lora"),
+    ("MT-CRL", "ablation: its gain needs the IRM penalty (weight 0)", SET[H], unseen,
+     "h spurious", "h spurious no-IRM"),
+    ("MT-CRL", "the same at train.py's invariance weight (10)", SET[H], unseen,
+     "h spurious w10", "h lora"),
+    *[(paper, f"generalizes to an unseen domain better than LoRA ({what})", SET[H], unseen,
+       f"h {k}", "h lora") for paper, what, k in [
+           ("Align-LoRA", "align: KL, lambda 0.2", "align"), ("MTL-LoRA", "divide per task",
+                                                             "mtl"),
+           ("HydraLoRA", "divide, routed", "hydra"), ("Align-LoRA", "M-LoRA", "mlora")]],
+    ("MTL-LoRA", "ablation: its unseen-domain accuracy needs task ids (one shared id)", SET[H],
+     unseen, "h mtl", "h mtl shared-id"),
+    ("LoRA", "adapters beat the frozen base with heads only", SET[H], unseen, "h lora", "h none"),
+    ("LoRA", "is competitive with full fine-tuning", SET[H], unseen, "h lora", "~h full"),
+]
+SWEEPS = {SET[U]: {0: "u align w0", 0.02: "u align w0.02", 0.2: "u align"},
+          SET[S]: {0: "s align w0", 0.02: "s align w0.02", 0.2: "s align"}}
+
+
+def sweep_table(results):
+    """Align-LoRA's weight against accuracy and the alignment loss left after training."""
+    lines = ["| suite | lambda | mean test accuracy, % | low-resource task, % "
+             "| final L_align (KL) | seeds |", "|---|---|---|---|---|---|"]
+    for suite, by_weight in SWEEPS.items():
+        low = u_low if suite == SET[U] else s_low
+        for w, label in by_weight.items():
+            rs = results[label]
+            lines.append(f"| {suite} | {w:g} | {claims.fmt([avg(m) for m in rs])} | "
+                         f"{claims.fmt([low(m) for m in rs])} | "
+                         f"{claims.fmt([m['learned']['alignment_loss'] for m in rs], 3)} | "
+                         f"{len(rs)} |")
+    return "\n".join(lines)
+
+
+def routing_table(results):
+    """HydraLoRA's mean routing weight per task and head, over layers, tokens and seeds."""
+    lines = []
+    for label in [k for k in RUNS if k.split()[1] == "hydra"]:
+        rs, tasks = results[label], realtext.SUITES[results[label][0]["suite"]]
+        lines += [f"{label} ({len(rs)} seeds), task x head:", ""]
+        for i, t in enumerate(tasks):
+            row = [statistics.mean(m["learned"]["routing"][i][j] for m in rs)
+                   for j in range(len(rs[0]["learned"]["routing"][i]))]
+            lines.append(f"    {t:<14}" + "".join(f"{x:8.3f}" for x in row))
+        lines.append("")
+    return "\n".join(lines)
+
+
+COST = {"none": 0.35, "full": 1.3, "lora": 1.0, "multihead": 1.4, "mtl": 1.3, "align": 1.1,
+        "spurious": 1.1}      # a run's time in one-thread LoRA runs (about 100 s each)
+RUN_S = 100
+
+
+def plan(runs, common):
+    """The runs not yet finished, (what, argv), and their time in LoRA runs."""
+    todo, cost = [], 0.0
+    for label, (flags, n) in runs.items():
+        for seed in range(n):
+            argv = common + flags + ["--seed", str(seed)]
+            args = realtext.get_args(argv)
+            if not os.path.exists(os.path.join(args.out, args.name, "metrics.json")):
+                todo.append((f"{label}, seed {seed}", argv + ["--quiet"]))
+                share = len(args.tasks) / len(realtext.SUITES[args.suite]) if args.tasks else 1
+                mmd = args.method == "align" and args.align_loss == "mmd"
+                cost += 2.4 if mmd else COST[args.method] * (0.25 + 0.75 * share)
+    return todo, cost
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--jobs", type=compare.positive, default=1, help="runs at a time, one thread "
+                   "each")
+    p.add_argument("--out", default=os.path.join("out", "realtext"), help="realtext.py's --out")
+    p.add_argument("--plan", action="store_true", help="print the plan and stop")
+    args = p.parse_args(argv)
+    t0, common = time.perf_counter(), ["--out", args.out, "--cache", args.out]
+    todo, cost = plan(RUNS, common)
+    total = sum(n for _, n in RUNS.values())
+    print(f"{total} runs, {len(todo)} to train: about {cost * RUN_S / args.jobs / 3600:.1f} h "
+          f"at --jobs {args.jobs} on a 2-core CPU ({cost:.0f} one-thread LoRA runs of about "
+          f"{RUN_S} s)", flush=True)
+    if args.plan:
+        return
+    if todo:
+        realtext.data.load(realtext.tokenizer(), 48, args.out)       # tokenized once, first
+        claims.prerun(todo, args.jobs, SCRIPT)
+    results = {label: [realtext.run(realtext.get_args(common + flags + ["--seed", str(s),
+                                                                          "--quiet"]))
+                       for s in range(n)] for label, (flags, n) in RUNS.items()}
+    table = (f"real text:\n\n{claims.claims_table(results, CLAIMS)}\n\nAlign-LoRA's weight:\n\n"
+             f"{sweep_table(results)}\n\nHydraLoRA's routing:\n\n{routing_table(results)}")
+    with open(os.path.join(args.out, "realtext-claims.md"), "w") as f:
+        f.write(table + "\n")
+    with open(os.path.join(args.out, "realtext-claims.json"), "w") as f:
+        json.dump(dict(results=results, runs=RUNS), f, indent=1)
+    print(f"\n{table}\n{(time.perf_counter() - t0) / 60:.1f} min; wrote {args.out}/"
+          "realtext-claims.md and .json")
+
+
+if __name__ == "__main__":
+    main()
