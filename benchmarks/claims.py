@@ -392,9 +392,9 @@ def plan(runs, seeds, common):
 
 
 def prerun(todo, jobs, script=TRAIN):
-    """Train the runs `jobs` at a time, each a `script` process (train.py) on one thread (on a 2-core CPU,
-    two one-thread runs do 1.4x the steps of one two-thread run; a run's last digits depend on
-    its thread count). The runner then reads them back as finished runs."""
+    """Train the runs `jobs` at a time, each a `script` process (train.py) on one thread (on a
+    2-core CPU, two one-thread runs do 1.4x the steps of one two-thread run; a run's last digits
+    depend on its thread count). The runner then reads them back as finished runs."""
     env, t0 = dict(os.environ, OMP_NUM_THREADS="1"), time.perf_counter()
 
     def one(item):

@@ -13,7 +13,10 @@ claims-finite.json, claims-controls.json (claims.py); draws what they hold, into
 - lowres.png (the controls): the low-resource task's test accuracy (inc, 64 samples among 1024)
   for each run of claims.py's LOW_BARS, a bar (mean, std) and a dot per seed;
 - align_sweep.png (the controls): Align-LoRA's weight lambda against the mean test accuracy
-  over the tasks and the low-resource task's, and against the alignment loss left after training.
+  over the tasks and the low-resource task's, and against the alignment loss left after training;
+- realtext.png (realtext_claims.py, realtext-claims.json): as lowres.png, the low-resource task of
+  the unrelated suite (sentiment) and of the domains suite (movies), and the unseen domain of the
+  heldout suite (movies), for each run of its "low".
 A suite is what the runs say (each run's "suite"), never a file's name. A picture whose results
 are absent is skipped. The pictures in benchmarks/ are copies of these, from the commands of
 benchmarks/README.md.
@@ -30,8 +33,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 TASKS = {"default": ["sort", "inc", "first_ge5", "has7"],              # train.SUITES
          "interference": ["sort", "sort_desc", "inc", "dec", "rotate"],
-         "related": ["sort", "sort_low", "sort_high"]}
-LOW_TASK = {"default": "inc", "related": "sort_high"}   # claims.py's low-resource task per suite
+         "related": ["sort", "sort_low", "sort_high"],
+         "unrelated": ["sentiment", "topic", "subjectivity", "party"],   # realtext.SUITES
+         "domains": ["tweets", "amazon", "nyt", "movies"], "heldout": ["tweets", "amazon", "nyt"]}
+LOW_TASK = {"default": "inc", "related": "sort_high",   # claims.py's low-resource task per suite
+            "unrelated": "sentiment", "domains": "movies", "heldout": "movies"}   # heldout: unseen
 CLAIMS_FILES = ["claims.json", "claims-unlimited.json", "claims-finite.json",
                 "claims-controls.json"]
 EXPECTED = ('{"results": {label: [one run\'s metrics per seed, each with its "suite" and '
@@ -255,7 +261,7 @@ def lowres_data(claims, low):
     return rows
 
 
-def lowres(claims, low, path):
+def lowres(claims, low, path, what="the low-resource task"):
     rows = lowres_data(claims, low)
     if not rows:
         return False
@@ -272,7 +278,7 @@ def lowres(claims, low, path):
     tasks = " / ".join(dict.fromkeys(task for _, task, _ in rows))
     ax.set_ylabel(f"{tasks} test accuracy, %")
     n = seeds_text(len(xs) for _, _, xs in rows)
-    ax.set_title(f"the low-resource task ({tasks}): test accuracy per run, mean and std over {n} "
+    ax.set_title(f"{what} ({tasks}): test accuracy per run, mean and std over {n} "
                  "(dots: each seed; in brackets: seeds)", fontsize=8)
     return save(fig, path)
 
@@ -368,6 +374,12 @@ def main():
                 ("align_sweep.png", align_sweep, [claims, sweeps])]
     drawn += [name for name, draw, data in pictures
               if all(data) and draw(*data, os.path.join(args.out, name))]
+    real = os.path.join(args.out, "realtext-claims.json")
+    if os.path.exists(real):
+        data = load(real)
+        if lowres(data["results"], data["low"], os.path.join(args.out, "realtext.png"),
+                  "MiniLM: the low-resource task, and the unseen domain"):
+            drawn.append("realtext.png")
     if not drawn:
         raise SystemExit(f"nothing to draw: {args.out} holds no results of compare.py or "
                          "claims.py (run them first, or pass their --out)")

@@ -100,9 +100,10 @@ def encoder(device):
 # ----------------------------------------------------------------------------- adapting
 
 
-def adapt(enc, args, tasks):
-    """args.method on the encoder, through its file's add_*: (Classifier, extra loss, learned).
-    extra(batch, logits, pooled, step) -> a term added to the loss; learned(batch) -> a dict."""
+def adapt(enc, args, tasks, readout=None, targets=TARGETS):
+    """args.method on the encoder, through its file's add_*: (the model, extra loss, learned);
+    the model: readout (Classifier) around the encoder. extra(batch, logits, pooled, step) -> a
+    term added to the loss; learned(batch) -> a dict."""
     T, classes = len(tasks), [len(data.CLASSES[t]) for t in tasks]
     shared, m = args.suite in SHARED_HEAD, args.method
     hp = dict(r=args.rank, alpha=args.alpha, dropout=args.dropout)
@@ -110,12 +111,12 @@ def adapt(enc, args, tasks):
     if m in ("none", "full"):
         enc.requires_grad_(m == "full")
     elif m in ("lora", "align", "spurious"):
-        lora.add_lora(enc, TARGETS, **hp)
+        lora.add_lora(enc, targets, **hp)
     elif m == "multihead":
-        multihead_lora.add_multihead_lora(enc, TARGETS, n_heads=args.lora_heads,
+        multihead_lora.add_multihead_lora(enc, targets, n_heads=args.lora_heads,
                                           router=not args.no_router, init=args.init, **hp)
     elif m == "mtl":
-        mtl_lora.add_mtl_lora(enc, 1 if args.shared_id else T, TARGETS, n_up=args.n_up,
+        mtl_lora.add_mtl_lora(enc, 1 if args.shared_id else T, targets, n_up=args.n_up,
                               tau=args.temperature, **hp)
         for layer in mtl_lora.mtl_layers(enc):
             if args.task_transform != "learned":
@@ -124,7 +125,7 @@ def adapt(enc, args, tasks):
                 layer.lora_w.requires_grad_(False)
     if m == "spurious":
         crl = spurious_reg.MTCRL(enc.config.hidden_size, 1, args.modules, n_envs=T)
-    model = Classifier(enc, classes, shared, crl, m == "mtl", args.shared_id)
+    model = (readout or Classifier)(enc, classes, shared, crl, m == "mtl", args.shared_id)
     if m == "align":
         align = align_lora.AlignmentLoss(enc, T, kind=args.align_loss)
 
@@ -196,10 +197,10 @@ def batch_of(ids, lengths, labels, task, rows, width):
 
 def fit(model, extra, args, train_set, plan):
     """AdamW (heads at --head-lr), warm-up, cosine decay, clipping; returns the losses."""
-    heads = [model.W, model.b]
+    heads = [p for n, p in model.named_parameters() if n in ("W", "b")]
     body = [p for n, p in model.named_parameters() if p.requires_grad and n not in ("W", "b")]
-    opt = torch.optim.AdamW([{"params": body, "peak": args.lr},
-                             {"params": heads, "peak": args.head_lr}], weight_decay=0.0)
+    groups = [{"params": body, "peak": args.lr}, {"params": heads, "peak": args.head_lr}]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
     rows = plan.to(args.device)
     widths = train_set[1][plan].amax(1).tolist()                        # on the host, once
     data_dev = [x.to(args.device) for x in train_set]

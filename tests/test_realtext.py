@@ -147,7 +147,7 @@ def test_a_training_set_is_the_first_n_of_the_seeds_permutation(tokenized):
     assert len(set(rows)) == 10                                             # from the pool
     assert not torch.equal(realtext.stacked(tokenized, tasks, [10] * 4, 3)[0], small[0][:10])
 
-# ----------------------------------------------------------------------------- every method on MiniLM
+# ------------------------------------------------------------------------ every method on MiniLM
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +188,7 @@ def test_every_method_learns_on_minilm(case, minilm_batch):
         with torch.no_grad():
             assert learned(b)
 
-# ----------------------------------------------------------------------------- the harness, tiny BERT
+# ------------------------------------------------------------------------ the harness, tiny BERT
 
 
 @pytest.fixture
@@ -276,7 +276,7 @@ def test_the_heads_only_score_their_own_classes(tiny, tokenized):
 # ----------------------------------------------------------------------------- the claims
 
 
-def test_every_claim_has_its_runs_and_a_verdict():
+def fake_results():
     fake = {}
     for label, (flags, n) in realtext_claims.RUNS.items():
         args = args_of(*flags)
@@ -287,14 +287,30 @@ def test_every_claim_has_its_runs_and_a_verdict():
         learned = {"alignment_loss": 0.1, "routing": [[1 / 3] * 3] * len(tasks)}
         fake[label] = [dict(seed=s, suite=args.suite, accuracy=acc, learned=learned)
                        for s in range(n)]
+    return fake
+
+
+def test_every_claim_has_its_runs_and_a_verdict():
+    fake = fake_results()
     for row in realtext_claims.CLAIMS:
         for label in [row[4], *(row[5] if isinstance(row[5], tuple) else [row[5]])]:
             assert label.lstrip("~") in realtext_claims.RUNS, label
     table = realtext_claims.claims.claims_table(fake, realtext_claims.CLAIMS).splitlines()
     assert len(table) == 2 + len(realtext_claims.CLAIMS)
-    assert all(row.rstrip(" |").endswith(("holds here", "not hold here", "(spread too wide)")) for row in table[2:])
+    verdicts = ("holds here", "not hold here", "(spread too wide)")
+    assert all(row.rstrip(" |").endswith(verdicts) for row in table[2:])
     assert "| 0.02 |" in realtext_claims.sweep_table(fake)
     assert "u hydra (3 seeds)" in realtext_claims.routing_table(fake)
+
+
+def test_the_picture_is_drawn_from_the_claims_file(tmp_path):
+    pytest.importorskip("matplotlib")
+    with open(tmp_path / "realtext-claims.json", "w") as f:
+        json.dump(dict(results=fake_results(), low=realtext_claims.LOW_BARS), f)
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "figures.py"),
+                          "--out", str(tmp_path)], capture_output=True, text=True)
+    assert res.returncode == 0 and "realtext.png" in res.stdout, res.stderr
+    assert (tmp_path / "realtext.png").stat().st_size > 10000
 
 
 def test_the_plan_counts_every_run_and_skips_finished_ones(tmp_path):
@@ -350,3 +366,26 @@ def test_a_missing_package_names_the_install_command(monkeypatch, tmp_path):
     assert res.returncode == 1 and res.stderr.strip().splitlines() == [
         f"error: {tmp_path}/{data.VADER} is not there (VADER's source archive); run: "
         "bash benchmarks/setup_realtext.sh"]
+
+
+def test_the_lm_reads_its_label_words_at_the_last_prompt_token():
+    """realtext_lm.py's read-out on a tiny Llama built from a config: the LM's own next-token
+    logits at each text's last real token, at the task's label words (right padding changes
+    nothing); MT-CRL's gate sits on that token's final state."""
+    import realtext_lm
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, tie_word_embeddings=True)).eval()
+    words = [[7, 9], [3, 4, 5]]                                   # task 0: 2 words, task 1: 3
+    model = realtext_lm.LabelWords(lm, words)
+    ids = torch.tensor([[1, 11, 12, 13, 0, 0], [1, 21, 22, 23, 24, 25]])
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6])
+    with torch.no_grad():
+        logits, last = model(ids, mask, torch.tensor([0, 1]))
+        ref0 = lm(ids[:1, :4]).logits[0, -1]                     # unpadded, alone
+        ref1 = lm(ids[1:]).logits[0, -1]
+    assert torch.allclose(logits[0, :2], ref0[[7, 9]], atol=1e-5) and torch.isinf(logits[0, 2])
+    assert torch.allclose(logits[1], ref1[[3, 4, 5]], atol=1e-5)
+    assert last.shape == (2, 16)
