@@ -221,6 +221,22 @@ def routing_table(results):
     return "\n".join(lines)
 
 
+def summary_table(results):
+    """Every run's accuracies, mean ± std over its seeds: each suite's low-resource task (the
+    heldout suite: the unseen domain) and the mean over the suite's tasks."""
+    lines = ["| run | seeds | low-resource task (heldout: movies, unseen), % | mean over the "
+             "trained tasks, % | trainable |", "|---|---|---|---|---|"]
+    for label, rs in results.items():
+        suite, chosen = rs[0]["suite"], list(rs[0]["accuracy"]["val"])
+        low = "movies" if suite == H else LOW[suite]
+        lo = claims.fmt([m["accuracy"]["test"][low] * 100 for m in rs]) \
+            if low in rs[0]["accuracy"]["test"] else "-"
+        mean = claims.fmt([sum(m["accuracy"]["test"][t] for t in chosen) / len(chosen) * 100
+                           for m in rs])
+        lines.append(f"| {label} | {len(rs)} | {lo} | {mean} | {rs[0]['trainable']:,} |")
+    return "\n".join(lines)
+
+
 COST = {"none": 0.35, "full": 1.3, "lora": 1.0, "multihead": 1.4, "mtl": 1.3, "align": 1.1,
         "spurious": 1.1}      # a run's time in one-thread LoRA runs (about 100 s each)
 RUN_S = 100
@@ -266,7 +282,8 @@ def main(argv=None):
                                                                           "--quiet"]))
                        for s in range(n)] for label, (flags, n) in RUNS.items()}
     table = (f"real text:\n\n{claims.claims_table(results, CLAIMS)}\n\nAlign-LoRA's weight:\n\n"
-             f"{sweep_table(results)}\n\nHydraLoRA's routing:\n\n{routing_table(results)}")
+             f"{sweep_table(results)}\n\nHydraLoRA's routing:\n\n{routing_table(results)}\n\n"
+             f"Every run:\n\n{summary_table(results)}")
     with open(os.path.join(args.out, "realtext-claims.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(args.out, "realtext-claims.json"), "w") as f:

@@ -8,6 +8,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))                    # helpers.py
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a real pre-trained model (MiniLM) or a whole run of "
+                            "the real-text benchmark; CI runs them, -m 'not slow' skips them")
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run faster on one thread, and steadily on a busy machine (two threads that wait

@@ -160,6 +160,7 @@ CASES = {"none": [], "full": [], "lora": [], "multihead": [], "mlora": ["--no-ro
          "mtl": [], "align": [], "align mmd": ["--align-loss", "mmd"], "spurious": []}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_method_learns_on_minilm(case, minilm_batch):
     """A few steps on one batch of real text (three domains, one head): the loss falls."""
@@ -208,6 +209,7 @@ def tiny_run(out, cache, *argv):
     return realtext.run(args_of("--out", str(out), "--cache", cache, "--steps", "3", *argv))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suite, flags", [
     ("unrelated", ["--method", "lora"]), ("unrelated", ["--method", "multihead"]),
     ("domains", ["--method", "mtl"]), ("domains", ["--method", "align"]),
@@ -285,8 +287,8 @@ def fake_results():
         if args.suite == "heldout":
             acc["test"]["movies"] = 0.6
         learned = {"alignment_loss": 0.1, "routing": [[1 / 3] * 3] * len(tasks)}
-        fake[label] = [dict(seed=s, suite=args.suite, accuracy=acc, learned=learned)
-                       for s in range(n)]
+        fake[label] = [dict(seed=s, suite=args.suite, accuracy=acc, learned=learned,
+                            trainable=1000) for s in range(n)]
     return fake
 
 
@@ -301,6 +303,9 @@ def test_every_claim_has_its_runs_and_a_verdict():
     assert all(row.rstrip(" |").endswith(verdicts) for row in table[2:])
     assert "| 0.02 |" in realtext_claims.sweep_table(fake)
     assert "u hydra (3 seeds)" in realtext_claims.routing_table(fake)
+    rows = realtext_claims.summary_table(fake).splitlines()
+    assert len(rows) == 2 + len(realtext_claims.RUNS)
+    assert "| h lora | 5 | 60.0 ± 0.0 | 71.0 ± 0.0 | 1,000 |" in rows
 
 
 def test_the_picture_is_drawn_from_the_claims_file(tmp_path):
