@@ -325,6 +325,11 @@ def _find_targets(model, targets):
     every name under which a layer is reachable (tied layers have several)."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"the model to adapt must be an nn.Module, got {type(model).__name__}")
+    ddp = any(isinstance(m, nn.parallel.DistributedDataParallel) for m in model.modules())
+    if ddp or any(hasattr(p, "full_tensor") for p in model.parameters()):   # DTensor: fully_shard
+        raise ValueError("the model is wrapped for data parallelism already (DDP, or fully_shard's "
+                         "sharded parameters): adapt the plain model first, then wrap it (wrapped, "
+                         "each process would train an adapter of its own)")
     targets = [targets] if isinstance(targets, str) else targets
     if not (isinstance(targets, (list, tuple, set)) and targets
             and all(isinstance(t, str) and t for t in targets)):

@@ -6,16 +6,18 @@
     python train.py --method lora --tasks inc                   # one task of the suite, alone
     torchrun --standalone --nproc_per_node=2 train.py --method lora       # data parallel
 
-Top to bottom: the data, the model, adapting the model for a method (one block per method), the
-training loop, evaluation, the command line, then run(): the lesson on one screen (checks, the
-base, adapt, train, evaluate, save), with its bookkeeping in the helpers after it. A run writes
-<out>/<suite>-<method>-seed<s>[-<flag><value>...]/ (every setting you changed is in the name):
-metrics.json and adapter.pt.
+Top to bottom, the lesson: the data, the model, adapting the model for a method (one block per
+method), the training loop, evaluation, then run() on one screen (checks, the base, adapt, train,
+evaluate, save). Under one banner after run() the harness follows, which a first read can skip:
+the command line, run()'s bookkeeping helpers (each says what it protects) and main(). A run
+writes <out>/<suite>-<method>-seed<s>[-<flag><value>...]/ (every setting you changed is in the
+name): metrics.json and adapter.pt.
 """
 import argparse
 import contextlib
 import functools
 import glob
+import hashlib
 import json
 import math
 import os
@@ -412,6 +414,51 @@ def examples(model, b, tasks):
                      f"{' '.join(map(str, got))}" + ("" if got == want else "   (wrong)"))
     return "\n".join(lines)
 
+# ----------------------------------------------------------------------------- run: the lesson
+
+
+def run(args):
+    """One run, as a learner reads it: checks, the base, adapt, train, evaluate, save. A finished
+    run is reported, never retrained; the bookkeeping is in the harness, below the banner."""
+    t0 = time.time()
+    tasks = SUITES[args.suite]
+    folder = os.path.join(args.out, args.name)
+    with claim(folder):                               # one process per run folder; tidy on exit
+        done = finished(folder, args)                 # its metrics, reported; or None
+        if done is not None:
+            return done
+        start = resume_point(folder, args)            # an interrupted run's checkpoint, or None
+        base = cached_base(args)                      # pre-trained and cached the first time
+
+        torch.manual_seed(args.seed)                                  # the adapters' init
+        gpt = GPT(model_config(args))
+        gpt.load_state_dict(base["state_dict"])
+        method = adapt(gpt, args, len(tasks))                         # one block per method
+        model = method.model.to(args.device)
+        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        n_base = sum(v.numel() for v in base["state_dict"].values())
+        log(f"{args.name}: {n_train:,} trainable parameters ({n_train / n_base:.2%} of {n_base:,})")
+
+        data_set = finite_set(args, tasks)            # --train-samples; None: fresh every step
+        losses, speed = fit(model, method, args, data_set, start, folder)
+
+        acc = evaluate(model, eval_splits(args, tasks, data_set), tasks)
+        shown = args.tasks or tasks
+        log(report(acc, shown), examples(model, test_sample(args, tasks, 2), tasks), sep="\n")
+        learned = what_it_learned(method, test_sample(args, tasks, 200), tasks)
+
+        metrics = dict(name=args.name, method=args.method, suite=args.suite, seed=args.seed,
+                       trainable=n_train, base_params=n_base, accuracy=acc, learned=learned,
+                       epochs=epochs(args, tasks), losses=losses,
+                       loss=losses[-1][1] if losses else None, steps_per_s=speed,
+                       total_s=time.time() - t0, settings=run_settings(args))
+        write_results(folder, method.state(), metrics)
+        log(f"wrote {folder}/: metrics.json, adapter.pt; {speed:.1f} steps/s, "
+            f"{time.time() - t0:.0f} s")
+        return metrics
+
+# ============ the harness: the command line, run()'s bookkeeping, main(). A first read stops here.
+
 # ----------------------------------------------------------------------------- command line
 METHODS = ["none", "full", "lora", "multihead", "mtl", "align", "spurious"]
 TARGETS = ["q", "k", "v", "o", "up", "down"]
@@ -522,6 +569,7 @@ def get_args(argv=None):
     own = OWN.get(args.method, []) + ([] if args.method in ("none", "full") else OWN["adapters"])
     alien = ["--" + k.replace("_", "-") for k in sum(OWN.values(), []) if k in given - set(own)]
     args.tasks = listed(args.tasks, tasks, "--tasks", p.error)        # None or suite order
+    args.tasks = None if args.tasks == tasks else args.tasks          # every task: the suite's run
     args.targets = listed(args.targets, TARGETS, "--targets", p.error)    # q,q,v is q,v
     for wrong, message in [
             (alien, f"{' '.join(alien)}: not a setting of --method {args.method}; drop it"),
@@ -532,7 +580,15 @@ def get_args(argv=None):
             (args.method == "spurious" and "has7" not in (args.tasks or tasks), "--method "
              "spurious needs has7's environments (--suite default): without them its invariance "
              f"penalty is 0; got --suite {args.suite}" + (" --tasks" if args.tasks else "")),
+            (args.method == "align" and len(args.tasks or tasks) < 2, "--method align pulls "
+             "tasks' codes together: it needs two tasks or more (one task alone: --method lora)"),
             (args.init == "offset" and not args.no_router, "--init offset needs --no-router"),
+            ("temperature" in given and args.n_up == 1, "--temperature does nothing with --n-up "
+             "1 (p_t = softmax of one logit = 1): drop it"),
+            (args.diagonal and args.task_transform != "learned", "--diagonal does nothing with "
+             f"--task-transform {args.task_transform} (Lam_t is frozen at a diagonal): drop it"),
+            (args.shared_id and args.task_transform == "split", "--task-transform split with "
+             "--shared-id keeps every row of A for the one id: that is --task-transform identity"),
             (args.task_transform == "split" and (args.n_up != 1 or args.rank % len(tasks)),
              f"--task-transform split needs --n-up 1 and a --rank that divides by the "
              f"{len(tasks)} tasks"),
@@ -610,49 +666,6 @@ def flag_text(k, v):                                  # e.g. rank2, targetsq+v, 
         v = f"{v:g}"
     return k.replace("_", "-") + ("" if v is True else str(v))
 
-# ----------------------------------------------------------------------------- run: the lesson
-
-
-def run(args):
-    """One run, as a learner reads it: checks, the base, adapt, train, evaluate, save. A finished
-    run is reported, never retrained; the bookkeeping is in the helpers below."""
-    t0 = time.time()
-    tasks = SUITES[args.suite]
-    folder = os.path.join(args.out, args.name)
-    with claim(folder):                               # one process per run folder; tidy on exit
-        done = finished(folder, args)                 # its metrics, reported; or None
-        if done is not None:
-            return done
-        start = resume_point(folder, args)            # an interrupted run's checkpoint, or None
-        base = cached_base(args)                      # pre-trained and cached the first time
-
-        torch.manual_seed(args.seed)                                  # the adapters' init
-        gpt = GPT(model_config(args))
-        gpt.load_state_dict(base["state_dict"])
-        method = adapt(gpt, args, len(tasks))                         # one block per method
-        model = method.model.to(args.device)
-        n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        n_base = sum(v.numel() for v in base["state_dict"].values())
-        log(f"{args.name}: {n_train:,} trainable parameters ({n_train / n_base:.2%} of {n_base:,})")
-
-        data_set = finite_set(args, tasks)            # --train-samples; None: fresh every step
-        losses, speed = fit(model, method, args, data_set, start, folder)
-
-        acc = evaluate(model, eval_splits(args, tasks, data_set), tasks)
-        shown = args.tasks or tasks
-        log(report(acc, shown), examples(model, test_sample(args, tasks, 2), tasks), sep="\n")
-        learned = what_it_learned(method, test_sample(args, tasks, 200), tasks)
-
-        metrics = dict(name=args.name, method=args.method, suite=args.suite, seed=args.seed,
-                       trainable=n_train, base_params=n_base, accuracy=acc, learned=learned,
-                       epochs=epochs(args, tasks), losses=losses,
-                       loss=losses[-1][1] if losses else None, steps_per_s=speed,
-                       total_s=time.time() - t0, settings=run_settings(args))
-        write_results(folder, method.state(), metrics)
-        log(f"wrote {folder}/: metrics.json, adapter.pt; {speed:.1f} steps/s, "
-            f"{time.time() - t0:.0f} s")
-        return metrics
-
 # ----------------------------------------------------------------------------- run's helpers
 
 
@@ -667,61 +680,38 @@ def model_config(args):
 
 @contextlib.contextmanager
 def claim(folder):
-    """The run folder, made if new, locked while this process works in it: a second process on
-    the same run is refused at the start. The lock is flock's: the system releases it when the
-    process ends, killed or not, so a dead run's .lock never blocks. The holder removes what a
-    killed writer left (*.tmp); on the way out, folders this made and left empty go. A finished
-    run's folder is only read (it may be read-only): no lock."""
-    new = [d for d in parents(folder) if not os.path.exists(d)]
-    lock = None
+    """The run folder, made if new, checked writable and locked while this process works in it
+    (a finished run's is only read). Protects a run from a second process, which would redo it
+    and write its files too, and leaves no folder that a refused or failed run made."""
+    new, d, lock = [], os.path.abspath(folder), None
+    while RANK == 0 and not os.path.exists(d):        # the folders process 0 makes, deepest first
+        new.append(d)
+        d = os.path.dirname(d)
     try:
-        done = os.path.exists(os.path.join(folder, "metrics.json"))
-        if RANK == 0 and not done:                    # process 0 writes (under torchrun)
-            lock = lock_folder(folder)
-            for stale in glob.glob(os.path.join(glob.escape(folder), "*.tmp")):
-                os.remove(stale)
+        if RANK == 0 and not os.path.exists(os.path.join(folder, "metrics.json")):
+            writable(folder)
+            if fcntl is not None:                     # flock: gone when the process ends
+                lock = os.open(folder, os.O_RDONLY)
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    new = []                          # they are the running process's now
+                    raise SystemExit(f"error: another process is running {folder} now: let it "
+                                     "finish (its lock goes when it stops, even if killed)")
+            remove_stale(*(os.path.join(folder, f) for f in ("ckpt.pt", "adapter.pt",
+                                                             "metrics.json")))
         yield
     finally:
         if lock is not None:
-            os.remove(lock.name)
-            lock.close()
-        for d in reversed(new):
-            if os.path.isdir(d) and not os.listdir(d):
+            os.close(lock)
+        for d in new:
+            with contextlib.suppress(OSError):        # rmdir removes an empty folder only
                 os.rmdir(d)
 
 
-def lock_folder(folder):
-    """An open <folder>/.lock that this process holds; the holder removes it on the way out, so a
-    lock taken on a file already removed is dropped and taken again on the new one."""
-    path = os.path.join(folder, ".lock")
-    while True:
-        try:
-            os.makedirs(folder, exist_ok=True)
-            lock = open(path, "a")
-        except OSError as e:
-            raise SystemExit(f"error: cannot write in {folder}: {e}")
-        try:
-            if fcntl is not None:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            lock.close()
-            raise SystemExit(f"error: another process is running {folder} now: let it "
-                             "finish (its lock goes when it stops, even if killed)")
-        try:
-            if os.path.samestat(os.fstat(lock.fileno()), os.stat(path)):
-                return lock
-        except FileNotFoundError:
-            pass
-        lock.close()
-
-
-def parents(folder):                                  # the folder and those above it, top first
-    p = os.path.abspath(folder)
-    return [p] if os.path.dirname(p) == p else parents(os.path.dirname(p)) + [p]
-
-
 def finished(folder, args):
-    """A finished run's metrics, after its report; None if the run has not finished."""
+    """A finished run's metrics, after its report; None if the run has not finished. Protects a
+    result from being retrained or overwritten."""
     path = os.path.join(folder, "metrics.json")
     if os.path.exists(path):
         saved = load(path, "metrics", run_settings(args), "pass another --out")
@@ -731,25 +721,29 @@ def finished(folder, args):
 
 
 def resume_point(folder, args):
-    """--resume: the run's own checkpoint, checked; None for a new run. An unfinished run is
-    never restarted silently, nor continued from another schedule's checkpoint."""
+    """--resume: the run's own checkpoint, checked; None for a new run. Protects the result: an
+    unfinished run is never restarted silently, nor continued from another schedule's checkpoint
+    or a damaged one."""
     ckpt = os.path.join(folder, "ckpt.pt")
     if os.path.exists(ckpt) and not args.resume:
         raise SystemExit(f"error: {folder} holds an unfinished run: --resume continues it")
     if args.resume and not os.path.exists(ckpt):
         raise SystemExit(f"error: nothing to resume: {ckpt} does not exist; drop --resume")
-    return load(ckpt, "checkpoint", run_settings(args), "drop --resume") if args.resume else None
+    if args.resume:
+        return load(ckpt, "checkpoint", run_settings(args), "delete it to start the run over")
 
 
 def cached_base(args):
-    """The base, read from train.py's cache (its settings checked), or pre-trained on copy and
-    reverse (every weight trains) and cached for every run of these model settings."""
+    """The base, read from train.py's cache (its settings and digest checked), or pre-trained on
+    copy and reverse (every weight trains) and cached for every run of these model settings.
+    Protects the pre-training's minutes, and a run from another model's base or a damaged one."""
     pretraining = dict(model=asdict(model_config(args)), tasks=SUITES["pretrain"],
                        steps=args.base_steps) | BASE
     if os.path.exists(args.base):                     # a cache of train.py's: may be deleted
         return load(args.base, "base", pretraining, "pass another --base, or delete it to "
                     "pre-train anew")
-    writable(os.path.dirname(args.base) or ".")
+    writable(os.path.dirname(args.base) or ".")       # before pre-training, not after
+    remove_stale(args.base)                           # what a killed pre-training left
     log(f"pre-training the base on {pretraining['tasks']}; it is cached in {args.base}")
     torch.manual_seed(0)
     model = TaskModel(GPT(model_config(args))).to(args.device)
@@ -757,9 +751,10 @@ def cached_base(args):
         torch.manual_seed(1_000_003 * RANK)                           # each process its dropout
     train(model, stream(args, SUITES["pretrain"], 0, BASE["batch"]), args.base_steps,
           BASE["lr"], BASE["warmup"], bf16=args.autocast == "bf16")
-    state = {k: v.cpu() for k, v in model.gpt.state_dict().items()}
-    save(args.base, dict(settings=pretraining, state_dict=state))
-    return dict(settings=pretraining, state_dict=state)
+    base = dict(settings=pretraining, state_dict={k: v.cpu() for k, v in
+                                                  model.gpt.state_dict().items()})
+    save(args.base, base | dict(digest=digest(base)))
+    return base
 
 
 def finite_set(args, tasks):
@@ -815,15 +810,15 @@ def fit(model, method, args, data_set, start, folder):
         model.gpt.features = torch.compile(model.gpt.features)
 
     def checkpoint(state):
-        save(ckpt, state | dict(settings=run_settings(args)))
+        state = state | dict(settings=run_settings(args))
+        save(ckpt, state | dict(digest=digest(state)))
     try:
         return train(model, stream(args, SUITES[args.suite], args.seed, args.batch, data_set,
                                    args.tasks), args.steps, args.lr, args.warmup,
                      method.extra_loss, args.autocast == "bf16", start, checkpoint,
                      args.ckpt_every)
     except FloatingPointError as e:
-        if RANK == 0 and os.path.exists(ckpt):
-            os.remove(ckpt)
+        discard(ckpt)
         flags = ", ".join(["--lr", "--alpha", *method.hint])
         raise SystemExit(f"error: {e} of {args.method}: lower {flags}, or raise --warmup")
     finally:
@@ -884,23 +879,22 @@ def what_it_learned(method, b, tasks):
 
 
 def write_results(folder, state, metrics):
-    """adapter.pt, then metrics.json (a finished run has both): if one cannot be written,
-    neither is left. Then the checkpoint goes."""
+    """adapter.pt, then metrics.json: a finished run has both, or neither is left. Then the
+    checkpoint goes. Protects a result that is all there or not at all."""
     adapter = os.path.join(folder, "adapter.pt")
     try:
         save(adapter, state)
         save(os.path.join(folder, "metrics.json"), json.dumps(metrics, indent=1))
     except SystemExit:
-        if RANK == 0 and os.path.exists(adapter):
-            os.remove(adapter)
+        discard(adapter)
         raise
-    if RANK == 0 and os.path.exists(os.path.join(folder, "ckpt.pt")):
-        os.remove(os.path.join(folder, "ckpt.pt"))
+    discard(os.path.join(folder, "ckpt.pt"))
 
 
 def save(path, obj):
-    """Written whole or not at all (this process's temporary file, flushed to disk, renamed), by
-    process 0; a failed write stops the run naming the file, and leaves no temporary file."""
+    """Written whole or not at all (this process's <path>.<pid>.tmp, flushed to disk, renamed), by
+    process 0. Protects from a truncated file that a later run trusts; a failed write stops the
+    run naming the file, and no temporary file is left (on Ctrl-C neither)."""
     if RANK != 0:
         return
     tmp = f"{path}.{os.getpid()}.tmp"                 # its own: two writers never share one
@@ -911,14 +905,21 @@ def save(path, obj):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
         raise SystemExit(f"error: cannot write {path}: {e}")
+    finally:
+        discard(tmp)
+
+
+def discard(path):                                    # by process 0, which writes; if it is there
+    if RANK == 0:
+        with contextlib.suppress(OSError):
+            os.remove(path)
 
 
 def load(path, kind, expected, advice):
     """A file train.py wrote (kind: "metrics", "checkpoint" or "base") with the `expected`
-    settings, or one line that names it and what differs."""
+    settings and, a .pt file, the digest written with it; or one line that names it and what is
+    wrong. Protects a run from another run's file, and from a damaged one (a bad disk or copy)."""
     tables = {"metrics": ["accuracy"], "checkpoint": ["trainable", "opt"],
               "base": ["state_dict"]}[kind] + ["settings"]
     try:
@@ -937,11 +938,48 @@ def load(path, kind, expected, advice):
                          f"({type(e).__name__})")
     if changed:
         raise SystemExit(f"error: {path} has other settings (there vs now: {changed}); {advice}")
+    if kind != "metrics" and obj.get("digest") != digest(obj):
+        raise SystemExit(f"error: {path} is damaged: what it holds does not match the digest "
+                         f"written with it (or an older train.py wrote it); {advice}")
     return obj
 
 
-def writable(folder):                                 # before pre-training, not after
-    probe = os.path.join(folder, f".writable{RANK}")  # one per process: no race
+def digest(obj):
+    """sha256 of what a file holds but its digest: each key, each tensor's bytes, other values."""
+    h = hashlib.sha256()
+
+    def add(x):
+        if isinstance(x, dict):
+            for k in sorted(set(x) - {"digest"}, key=str):
+                h.update(repr(k).encode())
+                add(x[k])
+        elif torch.is_tensor(x):
+            h.update(repr((x.dtype, x.shape)).encode())
+            h.update(x.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
+        else:
+            h.update(repr(x).encode())
+    add(obj)
+    return h.hexdigest()
+
+
+def remove_stale(*paths):
+    """What a killed writer left, <path>.<pid>.tmp whose process is gone (signal 0 only asks):
+    protects the folders from half-written files piling up; never a user's file nor a live
+    writer's."""
+    for path in paths:
+        for tmp in glob.glob(glob.escape(path) + ".*.tmp"):
+            pid = tmp[len(path) + 1:-len(".tmp")]
+            try:
+                if pid.isdigit() and os.name == "posix":  # elsewhere no harmless probe: kept
+                    os.kill(int(pid), 0)
+            except ProcessLookupError:
+                discard(tmp)
+            except (OSError, OverflowError):          # there, another user's; or not a pid
+                pass
+
+
+def writable(folder):                 # protects the pre-training: fail before it, not after
+    probe = os.path.join(folder, f".writable{os.getpid()}")   # one per process: no race
     try:
         os.makedirs(folder, exist_ok=True)
         open(probe, "w").close()
@@ -959,6 +997,11 @@ def main():
             torch.cuda.set_device(args.device)
     try:
         run(args)
+    except RuntimeError as e:                         # the allocator's: one line, what to lower
+        if not any(m in str(e) for m in ("out of memory", "allocate memory", "enough memory")):
+            raise
+        raise SystemExit(f"error: out of memory on {args.device}: lower --batch (samples per "
+                         "step), or --width and --layers (the model)")
     finally:
         if WORLD > 1:
             torch.distributed.destroy_process_group()

@@ -1,5 +1,6 @@
 """lora.py's guards: bad input raising ValueError, and the engineering (state dicts, merging
 bookkeeping, bf16, autocast, building on meta). What LoRA computes: tests/test_lora.py."""
+import contextlib
 import math
 import os
 
@@ -229,3 +230,36 @@ def test_reset_parameters_after_building_on_meta():
         assert m.lora_A.weight.abs().max() <= 1 / math.sqrt(m.base.in_features)
         torch.testing.assert_close(m(x if m.base.in_features == 12 else x.repeat(1, 1, 3)),
                                    m.base(x if m.base.in_features == 12 else x.repeat(1, 1, 3)))
+
+
+# ----------------------------------------------------------------------------- data parallelism
+
+@contextlib.contextmanager
+def wrapped_for(engine, model):
+    """`model` wrapped as each process of torchrun wraps it (here a group of one, gloo, CPU): in
+    DDP, or fully_shard (FSDP2); skipped where this torch has neither."""
+    dist = torch.distributed
+    if not dist.is_available():
+        pytest.skip("this torch has no torch.distributed")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        if engine == "ddp":
+            yield nn.parallel.DistributedDataParallel(model)
+        else:
+            fully_shard = getattr(pytest.importorskip("torch.distributed.fsdp"), "fully_shard", None)
+            if fully_shard is None:
+                pytest.skip("this torch has no fully_shard")
+            fully_shard(model, mesh=dist.device_mesh.init_device_mesh("cpu", (1,)))
+            yield model
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_a_model_wrapped_for_data_parallelism_is_refused_naming_the_order(engine):
+    """Wrapped first, each process would train an adapter of its own (DDP and fully_shard know
+    only the parameters there were when they wrapped): adapt the plain model, then wrap it."""
+    with wrapped_for(engine, Tiny()) as model:
+        with pytest.raises(ValueError, match="adapt the plain model first, then wrap it"):
+            lora.add_lora(model, targets=["q"])
+        assert not lora.lora_layers(model)

@@ -9,6 +9,7 @@ import torch.nn as nn
 
 import mtl_lora
 from helpers import Tiny, count_host_reads, quantized_tiny
+from test_lora_guards import wrapped_for
 from test_mtl_lora import T, adapted, randomize
 
 
@@ -247,3 +248,14 @@ def test_reset_parameters_after_building_on_meta(diagonal):
         assert m.lora_w.abs().max() <= 1 / math.sqrt(3) and m.lora_w.std() > 0.05
         with mtl_lora.task_ids(m, ids):
             torch.testing.assert_close(m(x), m.base(x), atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------------------- data parallelism
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_a_model_wrapped_for_data_parallelism_is_refused_naming_the_order(engine):
+    """Wrapped first, each process would train an adapter of its own: adapt, then wrap."""
+    with wrapped_for(engine, Tiny()) as model:
+        with pytest.raises(ValueError, match="adapt the plain model first, then wrap it"):
+            mtl_lora.add_mtl_lora(model, T, targets=["q"])
+        assert not mtl_lora.mtl_layers(model)

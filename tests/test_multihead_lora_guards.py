@@ -10,6 +10,7 @@ import torch.nn as nn
 
 import multihead_lora as mh
 from helpers import Tiny, quantized_tiny
+from test_lora_guards import wrapped_for
 from test_multihead_lora import MLORA, VARIANTS, adapted, randomize_B
 
 
@@ -329,3 +330,14 @@ def test_reset_parameters_after_building_on_meta(kw):
             torch.testing.assert_close(m(xi), m.base(xi), atol=1e-6, rtol=1e-6)
         else:
             assert torch.equal(m(xi), m.base(xi))
+
+
+# ----------------------------------------------------------------------------- data parallelism
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp2"])
+def test_a_model_wrapped_for_data_parallelism_is_refused_naming_the_order(engine):
+    """Wrapped first, each process would train an adapter of its own: adapt, then wrap."""
+    with wrapped_for(engine, Tiny()) as model:
+        with pytest.raises(ValueError, match="adapt the plain model first, then wrap it"):
+            mh.add_multihead_lora(model, targets=["q"])
+        assert not mh.multihead_layers(model)

@@ -3,6 +3,7 @@ import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -242,6 +243,8 @@ def test_the_folder_name_has_every_changed_setting_in_canonical_form():
     assert name("--train-samples 500,inc=64") == "default-lora-seed0-train-samples500+64+500+500"
     assert name("--method spurious --env-source derived") == \
         "default-spurious-seed0-env-sourcederived"
+    assert name("--tasks has7,sort,first_ge5,inc") == "default-lora-seed0"   # every task: none
+    assert name("--method mtl --n-up 1 --temperature 0.1") == "default-mtl-seed0-n-up1"
 
 
 def test_a_folder_with_other_settings_is_refused_not_replaced(out):
@@ -427,7 +430,16 @@ def test_nonfinite_loss_stops_with_a_hint_naming_the_flags(out, monkeypatch, met
                                         "split needs --n-up 1"),
                                        ("--method mtl --task-transform split --n-up 1 --rank 6",
                                         "divides by the 4 tasks"),
-                                       ("--method lora --shared-id", "--shared-id: not a setting")])
+                                       ("--method lora --shared-id", "--shared-id: not a setting"),
+                                       ("--method align --tasks inc", "align .* needs two tasks"),
+                                       ("--method mtl --task-transform split --n-up 1 "
+                                        "--shared-id", "that is --task-transform identity"),
+                                       ("--method mtl --task-transform identity --diagonal",
+                                        "--diagonal does nothing with --task-transform identity"),
+                                       ("--method mtl --task-transform split --n-up 1 --diagonal",
+                                        "--diagonal does nothing with --task-transform split"),
+                                       ("--method mtl --n-up 1 --temperature 0.5",
+                                        "--temperature does nothing with --n-up 1")])
 def test_bad_command_lines_are_rejected_naming_the_flag(argv, msg, capsys):
     with pytest.raises(SystemExit):
         train.get_args(argv.split())
@@ -517,35 +529,37 @@ def test_a_second_process_on_the_same_run_is_refused_and_a_dead_ones_lock_does_n
     fcntl = pytest.importorskip("fcntl")
     args = args_for(out, "--method lora --steps 4 --warmup 1 --seed 31")
     os.makedirs(run_dir(args))
-    lock = open(os.path.join(run_dir(args), ".lock"), "a")
-    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)              # another process, running
+    lock = os.open(run_dir(args), os.O_RDONLY)
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)                # another process, running
     try:
         with pytest.raises(SystemExit, match="another process is running .* now"):
             train.run(args)
-        assert os.path.exists(lock.name)                            # its lock is left alone
+        assert files(run_dir(args)) == []                           # no lock file, nothing left
     finally:
-        lock.close()                                                # the process ends (or dies)
-    m = train.run(args)                                             # its .lock blocks nothing
+        os.close(lock)                                              # the process ends (or dies)
+    m = train.run(args)                                             # its lock blocks nothing
     assert m["name"] == args.name and files(run_dir(args)) == ["adapter.pt", "metrics.json"]
 
 
-def test_a_lock_taken_on_a_removed_lock_file_is_taken_again_on_the_new_one(tmp_path, monkeypatch):
-    """Between our open and our flock, the previous holder may end and remove .lock: a lock on
-    that removed file guards nothing (a third process makes a new .lock), so take it again."""
+def test_a_refused_second_process_leaves_the_running_ones_new_folder_alone(out, monkeypatch):
+    """The other process makes the run folder and locks it between this one's look and its lock:
+    the folder, empty while the other pre-trains, is the other's, and stays."""
     fcntl = pytest.importorskip("fcntl")
-    calls, flock = [], fcntl.flock
+    args = args_for(out, "--method lora --steps 4 --warmup 1 --seed 38")
+    real, held = train.writable, []
 
-    def holder_ends_first(f, how):
-        if not calls:
-            os.remove(f.name)                                     # the previous holder's exit
-        calls.append(os.fstat(f.fileno()).st_ino)
-        flock(f, how)
-    monkeypatch.setattr(train.fcntl, "flock", holder_ends_first)
-    lock = train.lock_folder(str(tmp_path))
+    def the_other_process_first(folder):
+        real(folder)
+        held.append(os.open(folder, os.O_RDONLY))
+        fcntl.flock(held[-1], fcntl.LOCK_EX | fcntl.LOCK_NB)
+    monkeypatch.setattr(train, "writable", the_other_process_first)
     try:
-        assert len(calls) == 2 and os.path.samestat(os.fstat(lock.fileno()), os.stat(lock.name))
+        with pytest.raises(SystemExit, match="another process is running"):
+            train.run(args)
+        assert files(run_dir(args)) == []
     finally:
-        lock.close()
+        for lock in held:
+            os.close(lock)
 
 
 def test_two_identical_runs_at_once_one_trains_the_other_is_refused(out):
@@ -564,13 +578,63 @@ def test_two_identical_runs_at_once_one_trains_the_other_is_refused(out):
     assert files(folder) == ["adapter.pt", "metrics.json"]
 
 
-def test_a_killed_writers_temporary_file_is_removed_by_the_next_run(out):
-    args = args_for(out, "--method lora --steps 4 --warmup 1 --seed 33")
+def dead_pid():                                       # the pid of a process that has ended
+    p = subprocess.Popen([sys.executable, "-c", ""])
+    p.wait()
+    return p.pid
+
+
+def test_a_killed_writers_temporary_files_are_removed_and_nothing_else(tmp_path):
+    """A kill -9 mid-write leaves FILE.<pid>.tmp, in the run folder or, pre-training, in --out:
+    the next run removes those of a process gone, never a user's file nor a live writer's."""
+    args = train.get_args(f"{TINY} --base-steps 10 --method lora --steps 4 --warmup 1 "
+                          f"--out {tmp_path}".split())
     os.makedirs(run_dir(args))
-    stale = os.path.join(run_dir(args), "ckpt.pt.12345.tmp")         # a kill -9 mid-write
-    open(stale, "wb").write(b"half a checkpoint")
+    dead, live = dead_pid(), os.getppid()
+    ours = [f"{run_dir(args)}/ckpt.pt.{dead}.tmp", f"{run_dir(args)}/metrics.json.{dead}.tmp",
+            f"{tmp_path}/base.pt.{dead}.tmp"]
+    kept = [f"{run_dir(args)}/notes.tmp", f"{run_dir(args)}/ckpt.pt.{live}.tmp",
+            f"{tmp_path}/notes.tmp", f"{tmp_path}/base.pt.{live}.tmp", f"{tmp_path}/base.pt.x.tmp"]
+    for path in ours + kept:
+        open(path, "w").write("half a file")
     train.run(args)
-    assert files(run_dir(args)) == ["adapter.pt", "metrics.json"]
+    assert [p for p in ours if os.path.exists(p)] == [] and all(os.path.exists(p) for p in kept)
+
+
+def test_ctrl_c_while_writing_leaves_no_temporary_file(tmp_path, monkeypatch):
+    def interrupted(fd):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.save(str(tmp_path / "base.pt"), {"a": torch.zeros(2)})
+    assert files(tmp_path) == []
+
+
+@pytest.mark.parametrize("how", ["removed", "read-only"])
+def test_a_run_whose_folder_goes_midway_stops_in_one_line(tmp_path, monkeypatch, out, how):
+    """Its folder removed, or made read-only, while it trains: the checkpoint's write fails, and
+    that is the error, one line; the clean-up on the way out adds no traceback of its own."""
+    train.run(args_for(out, "--method none"))                       # the base, cached first
+    args = train.get_args(f"{TINY} --method lora --steps 12 --warmup 2 --ckpt-every 4 --seed 3 "
+                          f"--out {tmp_path}/out --base {out}/base.pt".split())
+    real = train.lr_at
+
+    def lr_at(step, *a):
+        if step == 6 and how == "removed":
+            shutil.rmtree(run_dir(args))
+        elif step == 6:
+            os.chmod(run_dir(args), 0o500)
+            if os.access(run_dir(args), os.W_OK):
+                pytest.skip("running as root: a read-only folder is still writable")
+        return real(step, *a)
+    monkeypatch.setattr(train, "lr_at", lr_at)
+    try:
+        with pytest.raises(SystemExit, match=r"cannot write .*ckpt\.pt: \[Errno") as e:
+            train.run(args)
+    finally:
+        if os.path.isdir(run_dir(args)):
+            os.chmod(run_dir(args), 0o700)
+    assert "\n" not in str(e.value)
 
 
 @pytest.mark.parametrize("metrics", ['{"accuracy": null, "settings": {}}',
@@ -623,3 +687,85 @@ def test_a_finished_run_in_a_read_only_folder_is_still_reported(out, capsys):
         assert train.run(args) == first and "holds this run, finished" in capsys.readouterr().out
     finally:
         os.chmod(run_dir(args), 0o700)
+
+
+def flip_a_bit(path, tensor, bit):
+    """Bit `bit` (0-22 mantissa, 23-30 exponent) of one float32 of `tensor` flipped in the file
+    (a bad disk, a bad copy)."""
+    raw = bytearray(open(path, "rb").read())
+    at = raw.find(tensor.numpy().tobytes())
+    assert at > 0
+    raw[at + 4 * (tensor.numel() // 2) + bit // 8] ^= 1 << bit % 8        # little-endian
+    open(path, "wb").write(raw)
+
+
+@pytest.mark.parametrize("damage", ["mantissa", "exponent", "no head.weight", "no digest"])
+def test_a_damaged_base_is_refused_in_one_line_before_anything_trains(tmp_path, out, damage,
+                                                                      capsys):
+    train.run(args_for(out, "--method none"))                       # the base, cached
+    base = str(tmp_path / "base.pt")
+    shutil.copy(f"{out}/base.pt", base)
+    saved = torch.load(base)
+    if damage in ("mantissa", "exponent"):
+        flip_a_bit(base, saved["state_dict"]["head.weight"], 3 if damage == "mantissa" else 30)
+    elif damage == "no head.weight":
+        del saved["state_dict"]["head.weight"]
+        torch.save(saved, base)
+    else:                                                           # an older train.py's
+        del saved["digest"]
+        torch.save(saved, base)
+    args = train.get_args(f"{TINY} --method lora --out {tmp_path}/out --base {base}".split())
+    with pytest.raises(SystemExit, match=re.escape(base) + " is damaged.*delete it") as e:
+        train.run(args)
+    text = capsys.readouterr().out
+    assert "\n" not in str(e.value) and "trainable" not in text and "pre-training" not in text
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_a_damaged_checkpoint_is_refused_in_one_line_and_kept(out, monkeypatch):
+    args = args_for(out, "--method lora --steps 12 --warmup 2 --ckpt-every 4 --seed 37")
+    interrupt(monkeypatch, args, at_step=6)
+    ckpt = os.path.join(run_dir(args), "ckpt.pt")
+    flip_a_bit(ckpt, next(iter(torch.load(ckpt)["trainable"].values())), 3)
+    before = open(ckpt, "rb").read()
+    args.resume = True
+    with pytest.raises(SystemExit, match=re.escape(ckpt) + " is damaged.*delete it") as e:
+        train.run(args)
+    assert "\n" not in str(e.value) and open(ckpt, "rb").read() == before
+
+
+@pytest.mark.parametrize("flags", ["--width 4096 --layers 64", "--batch 1000000"])
+def test_too_big_a_model_or_batch_is_one_line_naming_the_flags(tmp_path, out, flags):
+    """The allocator's error, here with the address space held at 4 GB (as a small machine's
+    memory would be), is one line that names what to lower, not a traceback."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the address-space limit (RLIMIT_AS) is Linux's")
+    resource = pytest.importorskip("resource")
+    train.run(args_for(out, "--method none"))                       # the tiny base, cached
+    base = f"--base {out}/base.pt" if "batch" in flags else ""      # a wider one: pre-trained
+    argv = f"{TINY} --device cpu --out {tmp_path} {base} {flags}".split()
+
+    def small_machine():
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+    res = subprocess.run([sys.executable, "train.py", *argv], cwd=ROOT, capture_output=True,
+                         text=True, timeout=600, preexec_fn=small_machine,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    err = res.stderr.strip().splitlines()
+    assert res.returncode == 1 and err[-1].startswith("error: out of memory"), res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and all(f in err[-1] for f in ["--batch", "--width",
+                                                                          "--layers"])
+
+
+def test_the_lesson_comes_first_and_the_harness_after_one_banner():
+    """train.py reads top to bottom as the lesson up to run(); one banner line says a first
+    read can stop there; the command line and the bookkeeping follow it."""
+    lines = open(os.path.join(ROOT, "train.py")).read().splitlines()
+    banner = [i for i, line in enumerate(lines) if line.startswith("# ====")]
+    assert len(banner) == 1 and "first read" in lines[banner[0]] and banner[0] < 500
+    at = {m.group(1): i for i, line in enumerate(lines)
+          for m in [re.match(r"(?:def |class )?(\w+)", line)] if m}
+    lesson = ["make_batch", "GPT", "adapt", "train", "evaluate", "run"]
+    harness = ["FLAGS", "parser", "get_args", "claim", "cached_base", "save", "load", "main"]
+    assert [at[k] for k in lesson] == sorted(at[k] for k in lesson)
+    assert max(at[k] for k in lesson) < banner[0] < min(at[k] for k in harness)
+    assert max(map(len, lines)) <= 100
