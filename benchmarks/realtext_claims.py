@@ -192,6 +192,62 @@ SWEEPS = {SET[U]: {0: "u align w0", 0.02: "u align w0.02", 0.2: "u align"},
           SET[S]: {0: "s align w0", 0.02: "s align w0.02", 0.2: "s align"}}
 
 
+LESSONS = [   # (the digit benchmark's lesson, its verdict there, the real-text row's a and b)
+    ("LoRA dropout 0.1 helps a low-resource task", "holds here", "u lora d0.1", "u lora"),
+    ("MTL-LoRA helps it more than LoRA, dropout 0", "holds here", "u mtl", "u lora"),
+    ("the same at dropout 0.1", "holds here", "u mtl d0.1", "u lora d0.1"),
+    ("the same against LoRA at its best dropout (MTL-LoRA at 0.1)", "holds here", "u mtl d0.1",
+     BEST[U]),
+    ("MTL-LoRA's gain needs the task ids (one shared id)", "holds here", "u mtl",
+     "u mtl shared-id"),
+    ("MTL-LoRA beats LoRA-Split at equal size", "does not hold here", "u mtl", "u lora-split r16"),
+    ("HydraLoRA beats LoRA-Split at equal size", "does not hold here", "u hydra",
+     "u lora-split r16"),
+    ("HydraLoRA helps a low-resource task more than LoRA", "cannot tell (spread too wide)",
+     "u hydra", "u lora"),
+    ("a LoRA of higher rank is competitive with HydraLoRA at its size", "holds here",
+     "u lora r16", "~u hydra"),
+    ("Align-LoRA helps a low-resource task among unrelated ones, dropout 0",
+     "does not hold here", "u align", "u lora"),
+    ("the same at dropout 0.1", "does not hold here", "u align d0.1", "u lora d0.1"),
+    ("the low-resource task gains from unrelated tasks (mix vs alone)", "does not hold here",
+     "u lora", "u lora alone sentiment"),
+    ("the low-resource task gains from related tasks (mix vs alone)", "holds here", "s lora",
+     "s lora alone movies"),
+    ("Align-LoRA beats LoRA on related tasks (KL 0.2, dropout 0)",
+     "cannot tell (spread too wide)", "s align", "s lora"),
+    ("the same at dropout 0.1", "cannot tell (spread too wide)", "s align d0.1", "s lora d0.1"),
+    ("the same at KL 0.02, dropout 0", "cannot tell (spread too wide)", "s align w0.02",
+     "s lora"),
+    ("the same with MMD, dropout 0", "cannot tell (spread too wide)", "s align mmd", "s lora"),
+    ("MTL-LoRA beats LoRA on related tasks", "does not hold here", "s mtl", "s lora"),
+    ("HydraLoRA beats LoRA on related tasks", "does not hold here", "s hydra", "s lora"),
+    ("MT-CRL beats LoRA where annotated environments differ", "holds here", "h spurious",
+     "h lora"),
+    ("MT-CRL's gain needs its IRM penalty", "holds here", "h spurious", "h spurious no-IRM"),
+]
+
+
+def agreement(digits, real):
+    if "cannot tell" in digits or "cannot tell" in real:
+        return "cannot tell"
+    return "agree" if digits == real else "disagree"
+
+
+def lessons_table(results):
+    """Each lesson of the digit benchmark beside the same comparison on real text (the first
+    row of CLAIMS with that a and b: the low-resource task's, or the unseen domain's)."""
+    lines = ["| lesson (digits) | digits | real text (MiniLM) | real text: the runs | "
+             "agree? |", "|---|---|---|---|---|"]
+    for lesson, digits, a, b in LESSONS:
+        row = next(r for r in CLAIMS if r[4] == a and r[5] == b)
+        cells = claims.claims_table(results, [row]).splitlines()[-1].split(" | ")
+        real = cells[-1].rstrip(" |")
+        lines.append(f"| {lesson} | {digits} | {real} | {cells[-2]} | "
+                     f"{agreement(digits, real)} |")
+    return "\n".join(lines)
+
+
 def sweep_table(results):
     """Align-LoRA's weight against accuracy and the alignment loss left after training."""
     lines = ["| suite | lambda | mean test accuracy, % | low-resource task, % "
@@ -266,10 +322,13 @@ def main(argv=None):
                    "each")
     p.add_argument("--out", default=os.path.join("out", "realtext"), help="realtext.py's --out")
     p.add_argument("--plan", action="store_true", help="print the plan and stop")
+    p.add_argument("--seeds", type=compare.positive, help="at most this many seeds per setting "
+                   "(default: each setting's own, 3 or 5)")
     args = p.parse_args(argv)
+    runs = {k: (flags, min(n, args.seeds or n)) for k, (flags, n) in RUNS.items()}
     t0, common = time.perf_counter(), ["--out", args.out, "--cache", args.out]
-    todo, cost = plan(RUNS, common)
-    total = sum(n for _, n in RUNS.values())
+    todo, cost = plan(runs, common)
+    total = sum(n for _, n in runs.values())
     print(f"{total} runs, {len(todo)} to train: about {cost * RUN_S / args.jobs / 3600:.1f} h "
           f"at --jobs {args.jobs} on a 2-core CPU ({cost:.0f} one-thread LoRA runs of about "
           f"{RUN_S} s)", flush=True)
@@ -280,14 +339,15 @@ def main(argv=None):
         claims.prerun(todo, args.jobs, SCRIPT)
     results = {label: [realtext.run(realtext.get_args(common + flags + ["--seed", str(s),
                                                                           "--quiet"]))
-                       for s in range(n)] for label, (flags, n) in RUNS.items()}
-    table = (f"real text:\n\n{claims.claims_table(results, CLAIMS)}\n\nAlign-LoRA's weight:\n\n"
+                       for s in range(n)] for label, (flags, n) in runs.items()}
+    table = (f"real text:\n\n{claims.claims_table(results, CLAIMS)}\n\nThe digit benchmark's "
+             f"lessons on real text:\n\n{lessons_table(results)}\n\nAlign-LoRA's weight:\n\n"
              f"{sweep_table(results)}\n\nHydraLoRA's routing:\n\n{routing_table(results)}\n\n"
              f"Every run:\n\n{summary_table(results)}")
     with open(os.path.join(args.out, "realtext-claims.md"), "w") as f:
         f.write(table + "\n")
     with open(os.path.join(args.out, "realtext-claims.json"), "w") as f:
-        json.dump(dict(results=results, runs=RUNS, low=LOW_BARS), f, indent=1)
+        json.dump(dict(results=results, runs=runs, low=LOW_BARS), f, indent=1)
     print(f"\n{table}\n{(time.perf_counter() - t0) / 60:.1f} min; wrote {args.out}/"
           "realtext-claims.md and .json")
 

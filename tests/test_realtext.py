@@ -303,6 +303,9 @@ def test_every_claim_has_its_runs_and_a_verdict():
     assert all(row.rstrip(" |").endswith(verdicts) for row in table[2:])
     assert "| 0.02 |" in realtext_claims.sweep_table(fake)
     assert "u hydra (3 seeds)" in realtext_claims.routing_table(fake)
+    lessons = realtext_claims.lessons_table(fake).splitlines()
+    assert len(lessons) == 2 + len(realtext_claims.LESSONS)
+    assert lessons[2].endswith("| disagree |")      # dropout: holds on digits; equal here: not
     rows = realtext_claims.summary_table(fake).splitlines()
     assert len(rows) == 2 + len(realtext_claims.RUNS)
     assert "| h lora | 5 | 60.0 ± 0.0 | 71.0 ± 0.0 | 1,000 |" in rows
