@@ -481,9 +481,7 @@ def sizes(text, tasks, error):                        # a list: a size per task,
 
 
 def main(argv=None):
-    args = get_args(argv)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    run(args)
+    run(get_args(argv))
 
 
 if __name__ == "__main__":
