@@ -357,13 +357,17 @@ def claims_table(results, claims=CLAIMS):
     return "\n".join(lines)
 
 
-def sweep_table(results):
+def low_of(label):                   # the low-resource task's metric of a controls run
+    return acc_of(REL_LOW if label.startswith("r ") else LOW)
+
+
+def sweep_table(results, sweeps=SWEEPS, low_of=low_of, avg=avg):
     """Align-LoRA's weight against accuracy and the alignment loss left after training."""
     lines = ["| suite | lambda | mean test accuracy, % | low-resource task, % "
              "| final L_align (KL) | seeds |", "|---|---|---|---|---|---|"]
-    for suite, by_weight in SWEEPS.items():
+    for suite, by_weight in sweeps.items():
         for w, label in by_weight.items():
-            rs, low = results[label], acc_of(REL_LOW if label.startswith("r ") else LOW)
+            rs, low = results[label], low_of(label)
             lines.append(f"| {suite} | {w:g} | {fmt([avg(m) for m in rs])} | "
                          f"{fmt([low(m) for m in rs])} | {fmt([align_value(m) for m in rs], 3)} | "
                          f"{len(rs)} |")

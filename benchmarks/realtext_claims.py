@@ -248,19 +248,8 @@ def lessons_table(results):
     return "\n".join(lines)
 
 
-def sweep_table(results):
-    """Align-LoRA's weight against accuracy and the alignment loss left after training."""
-    lines = ["| suite | lambda | mean test accuracy, % | low-resource task, % "
-             "| final L_align (KL) | seeds |", "|---|---|---|---|---|---|"]
-    for suite, by_weight in SWEEPS.items():
-        low = u_low if suite == SET[U] else s_low
-        for w, label in by_weight.items():
-            rs = results[label]
-            lines.append(f"| {suite} | {w:g} | {claims.fmt([avg(m) for m in rs])} | "
-                         f"{claims.fmt([low(m) for m in rs])} | "
-                         f"{claims.fmt([m['learned']['alignment_loss'] for m in rs], 3)} | "
-                         f"{len(rs)} |")
-    return "\n".join(lines)
+def low_of(label):                  # the low-resource task's metric of a run
+    return u_low if label.startswith("u ") else s_low
 
 
 def routing_table(results):
@@ -342,7 +331,7 @@ def main(argv=None):
                        for s in range(n)] for label, (flags, n) in runs.items()}
     table = (f"real text:\n\n{claims.claims_table(results, CLAIMS)}\n\nThe digit benchmark's "
              f"lessons on real text:\n\n{lessons_table(results)}\n\nAlign-LoRA's weight:\n\n"
-             f"{sweep_table(results)}\n\nHydraLoRA's routing:\n\n{routing_table(results)}\n\n"
+             f"{claims.sweep_table(results, SWEEPS, low_of, avg)}\n\nHydraLoRA's routing:\n\n{routing_table(results)}\n\n"
              f"Every run:\n\n{summary_table(results)}")
     with open(os.path.join(args.out, "realtext-claims.md"), "w") as f:
         f.write(table + "\n")

@@ -301,7 +301,9 @@ def test_every_claim_has_its_runs_and_a_verdict():
     assert len(table) == 2 + len(realtext_claims.CLAIMS)
     verdicts = ("holds here", "not hold here", "(spread too wide)")
     assert all(row.rstrip(" |").endswith(verdicts) for row in table[2:])
-    assert "| 0.02 |" in realtext_claims.sweep_table(fake)
+    sweep = realtext_claims.claims.sweep_table(fake, realtext_claims.SWEEPS,
+                                               realtext_claims.low_of, realtext_claims.avg)
+    assert "| 0.02 | 71.5 ± 0.0 | 70.0 ± 0.0 | 0.100 ± 0.000 | 3 |" in sweep
     assert "u hydra (3 seeds)" in realtext_claims.routing_table(fake)
     lessons = realtext_claims.lessons_table(fake).splitlines()
     assert len(lessons) == 2 + len(realtext_claims.LESSONS)
