@@ -9,7 +9,7 @@ transformers from its package. Each method goes on it through its file's public 
 in a user's project: every one of its 36 linear layers (query, key, value and the three dense
 layers of each block) is a target. The read-out: the mean of the last hidden states over the
 real tokens (the model's own pooling), then a linear head per task, trained with the adapters
-(the frozen base with heads only is --method none). The suites (benchmarks/realtext_data.py):
+(the frozen base with heads only is --method none). The suites (the tasks: realtext_data.py):
 
     unrelated  sentiment, topic, subjectivity, party: different skills
     domains    sentiment on tweets, amazon, nyt, movies: one skill, four domains
@@ -20,8 +20,8 @@ real tokens (the model's own pooling), then a linear head per task, trained with
                favours a method (only MTL-LoRA reads the id; the others give the same three
                answers). MT-CRL's environments are the three domains (one task, one graph row).
 
-A batch holds --per-task samples of each task (4: 16 texts on 4 tasks), drawn with replacement from
-its training set; --tasks keeps the chosen tasks' share (a task alone sees exactly the samples it
+A batch holds --per-task samples of each task (4: 16 texts on 4 tasks), drawn with replacement
+from its training set; --tasks keeps the chosen tasks' share (a task alone sees exactly the samples it
 sees in the mix). Loss: cross-entropy per sample (+ the method's term). AdamW, warm-up then
 cosine decay, the heads at --head-lr; the model's own dropout (0.1) stays on in training.
 Writes <out>/<run>/metrics.json in train.py's shape; a finished run is reported, not retrained
