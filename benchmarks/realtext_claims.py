@@ -331,7 +331,8 @@ def main(argv=None):
                        for s in range(n)] for label, (flags, n) in runs.items()}
     table = (f"real text:\n\n{claims.claims_table(results, CLAIMS)}\n\nThe digit benchmark's "
              f"lessons on real text:\n\n{lessons_table(results)}\n\nAlign-LoRA's weight:\n\n"
-             f"{claims.sweep_table(results, SWEEPS, low_of, avg)}\n\nHydraLoRA's routing:\n\n{routing_table(results)}\n\n"
+             f"{claims.sweep_table(results, SWEEPS, low_of, avg)}\n\nHydraLoRA's routing:\n\n"
+             f"{routing_table(results)}\n\n"
              f"Every run:\n\n{summary_table(results)}")
     with open(os.path.join(args.out, "realtext-claims.md"), "w") as f:
         f.write(table + "\n")
