@@ -22,8 +22,9 @@ real tokens (the model's own pooling), then a linear head per task, trained with
 
 A batch holds --per-task samples of each task (4: 16 texts on 4 tasks), drawn with replacement
 from its training set; --tasks keeps the chosen tasks' share (a task alone sees exactly the
-samples it sees in the mix). Loss: cross-entropy per sample (+ the method's term). AdamW, warm-up then
-cosine decay, the heads at --head-lr; the model's own dropout (0.1) stays on in training.
+samples it sees in the mix). Loss: cross-entropy per sample (+ the method's term). AdamW,
+warm-up then cosine decay, the heads at --head-lr; the model's own dropout (0.1) stays on in
+training.
 Writes <out>/<run>/metrics.json in train.py's shape; a finished run is reported, not retrained
 (a run takes minutes: no checkpoints).
 """
