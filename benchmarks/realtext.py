@@ -164,12 +164,12 @@ def adapt(enc, args, tasks, readout=None, targets=TARGETS):
 # ----------------------------------------------------------------------------- data on the device
 
 
-def training_rows(d, tasks, sizes, chosen, seed, steps, per):
+def training_rows(tasks, sizes, chosen, seed, steps, per):
     """The training plan, made once: rows (steps, B) into the stacked training sets (task t's
     set: the first sizes[t] of a (seed, t) permutation of its pool, see stacked()); each chosen
     task draws `per` samples a step with its own generator."""
     rows, offset = [], 0
-    for i, (t, n) in enumerate(zip(tasks, sizes)):
+    for t, n in zip(tasks, sizes):
         g = torch.Generator().manual_seed(seed * 1000 + 500 + data.TASKS.index(t))
         if t in chosen:
             rows.append(offset + torch.randint(n, (steps, per), generator=g))
@@ -273,7 +273,7 @@ def run(args):
         f", {n_heads:,} in the heads); training sets: "
         + ", ".join(f"{t} {n}" for t, n in zip(tasks, sizes) if t in chosen))
 
-    plan = training_rows(d, tasks, sizes, chosen, args.seed, args.steps, args.per_task)
+    plan = training_rows(tasks, sizes, chosen, args.seed, args.steps, args.per_task)
     t1 = time.time()
     losses = fit(model, extra, args, stacked(d, tasks, sizes, args.seed), plan) \
         if n_train else []

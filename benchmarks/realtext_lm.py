@@ -144,7 +144,7 @@ def one(lm, tok, d_text, case, args):
     d = prompts(tok, d_text, tasks, args.max_len)
     test = realtext.stacked(d, tasks, [EVAL] * len(tasks), 0, "test")
     before = measure(model, test, len(tasks))
-    plan = realtext.training_rows(d, tasks, rargs.train_samples, tasks, 0, args.steps, 2)
+    plan = realtext.training_rows(tasks, rargs.train_samples, tasks, 0, args.steps, 2)
     t0, losses = time.perf_counter(), []
     if any(p.requires_grad for p in model.parameters()):            # none: the LM as it is
         losses = realtext.fit(model, extra, rargs, realtext.stacked(d, tasks, rargs.train_samples,

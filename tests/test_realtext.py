@@ -127,12 +127,12 @@ def args_of(*argv):
 
 def test_a_task_alone_sees_the_samples_it_sees_in_the_mix(tokenized):
     tasks, sizes = realtext.SUITES["unrelated"], [1000, 1000, 1000, 652]
-    mix = realtext.training_rows(tokenized, tasks, sizes, tasks, 3, 20, 4)
-    alone = realtext.training_rows(tokenized, tasks, sizes, ["subjectivity"], 3, 20, 4)
+    mix = realtext.training_rows(tasks, sizes, tasks, 3, 20, 4)
+    alone = realtext.training_rows(tasks, sizes, ["subjectivity"], 3, 20, 4)
     assert mix.shape == (20, 16) and alone.shape == (20, 4)
     assert torch.equal(mix[:, 8:12], alone)                     # its share of every batch
     assert ((alone >= 2000) & (alone < 3000)).all()             # rows of its own set
-    other = realtext.training_rows(tokenized, tasks, sizes, tasks, 4, 20, 4)
+    other = realtext.training_rows(tasks, sizes, tasks, 4, 20, 4)
     assert not torch.equal(mix, other)                          # another seed: other draws
 
 
